@@ -1,0 +1,330 @@
+"""The TCP long connection: bytes in, calls on sessions and the logic layer out.
+
+The protocol is a thin adapter.  Frames go through the sans-IO ``Decoder``;
+each packet is dispatched by its class; outgoing frames are queued and go
+out in one write per connection at the end of the reactor turn (``Outbox``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..logic.auth import LoginRefused
+from ..logic.interfaces import IConnection
+from ..wire import Decoder, WireError, encode
+from ..wire import packets as P
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .sessions import SessionManager
+
+log = Logger()
+
+PONG = encode(P.Pong())
+CLOSE_GRACE = 2.0
+
+
+class Outbox:
+    """Connections with frames queued in this reactor turn.
+
+    Coalescing a turn's frames into one ``transport.write`` per connection
+    is the largest single saving on the message path.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._dirty: list[AccessProtocol] = []
+        self._scheduled = False
+
+    def mark(self, connection: AccessProtocol) -> None:
+        self._dirty.append(connection)
+        if not self._scheduled:
+            self._scheduled = True
+            self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.write_out()
+
+
+@implementer(IConnection)
+class AccessProtocol(Protocol):
+    """One client connection.  Its session, once it has one, outlives it."""
+
+    factory: AccessFactory
+
+    def __init__(self, factory: AccessFactory) -> None:
+        self.factory = factory
+        self.decoder = Decoder(factory.max_frame)
+        self.session: Session | None = None
+        self.address = ""
+        self.last_seen = 0.0
+        self.connected_at = 0.0
+        self._out: list[bytes] = []
+        self._closing = False
+        self._lost = False
+        # packets that arrived while a LOGIN was being checked
+        self._held: list[Any] | None = None
+        self._dispatch: dict[type, Callable[[Any], None]] = {
+            P.Login: self._on_login,
+            P.Resume: self._on_resume,
+            P.Ping: self._on_ping,
+        }
+
+    # IProtocol
+
+    def connectionMade(self) -> None:
+        peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
+        self.address = getattr(peer, "host", str(peer))
+        self.connected_at = self.last_seen = self.factory.clock.seconds()
+        self.factory.connections.add(self)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.last_seen = self.factory.clock.seconds()
+        try:
+            for packet in self.decoder.feed(data):
+                if self._held is not None:
+                    self._held.append(packet)
+                    continue
+                self._dispatch.get(type(packet), self._unexpected)(packet)
+                if self._closing:
+                    return
+        except WireError as e:
+            self.close(e.code, str(e))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._lost = True
+        self._closing = True
+        self._out = []
+        self.factory.forget(self)
+        session = self.session
+        if session is not None:
+            self.session = None
+            self.factory.sessions.connection_lost(session, self)
+
+    # IPushProducer: the transport's write buffer is full, so the client is
+    # not reading; stop reading from it until it catches up.
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        if not self._closing:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        pass
+
+    # IConnection
+
+    def send(self, frame: bytes) -> None:
+        if self._closing:
+            return
+        if not self._out:
+            self.factory.outbox.mark(self)
+        self._out.append(frame)
+
+    def write_out(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out = []
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self, code: int, message: str, ref: int | None = None) -> None:
+        """Answer ERROR and close once it is written."""
+        self._finish(encode(P.Error(code, message, ref)))
+
+    def kick(self, reason: int) -> None:
+        self.session = None
+        self._finish(encode(P.Kicked(reason)))
+
+    def _finish(self, last: bytes) -> None:
+        """Write ``last`` and close.
+
+        Closing a socket with unread input makes the kernel send RST, which
+        can destroy the ERROR before the client reads it; so only the write
+        side is shut, what the client still sends is ignored, and the
+        connection is dropped when the client closes or after a grace time.
+        """
+        if self._closing:
+            return
+        self._out.append(last)
+        self.write_out()
+        self._closing = True
+        transport: Any = self.transport
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None:
+            transport.loseConnection()
+            return
+        half_close()
+        transport.resumeProducing()  # to see the client's close, even if paused
+        self.factory.clock.callLater(CLOSE_GRACE, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self._lost:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def error(self, code: int, message: str, ref: int | None = None) -> None:
+        """Answer ERROR and keep the connection."""
+        self.send(encode(P.Error(code, message, ref)))
+
+    def abort(self) -> None:
+        """Drop a connection that went silent; its session lingers."""
+        self._closing = True
+        self._abort_if_open()
+
+    # packets
+
+    def _unexpected(self, packet: Any) -> None:
+        cls = type(packet)
+        if cls is P.UnknownPacket:
+            self.error(501, f"unknown packet type 0x{packet.type:02x}")
+        elif self.session is None:
+            self.close(401, "log in first")
+        elif cls is P.Login or cls is P.Resume:
+            self.close(400, "already logged in")
+        elif P.TYPE_OF[cls] in P.CLIENT_TYPES:
+            self.error(501, f"{cls.__name__} is not supported by this server")
+        else:
+            self.close(400, f"{cls.__name__} is sent by servers, not clients")
+
+    def _on_ping(self, packet: P.Ping) -> None:
+        self.send(PONG)
+
+    def _on_login(self, packet: P.Login) -> None:
+        self._held = []
+        d = self.factory.sessions.login(
+            packet.user,
+            packet.password,
+            packet.device,
+            packet.client,
+            self.address,
+            self,
+            lambda: not self._closing,
+        )
+        d.addCallbacks(self._logged_in, self._login_failed)
+
+    def _logged_in(self, result: tuple[Session, int] | None) -> None:
+        if result is None:  # the connection went away meanwhile
+            return
+        session, inbox_max = result
+        self.session = session
+        self.send(encode(self.factory.sessions.welcome(session, inbox_max)))
+        self._dispatch = self.factory.logged_in_dispatch(self)
+        self._release_held()
+
+    def _login_failed(self, failure: Failure) -> None:
+        if failure.check(LoginRefused):
+            refused: LoginRefused = failure.value  # type: ignore[assignment]
+            self.close(refused.code, refused.message)
+        else:
+            log.failure("login failed", failure)
+            self.close(503, "server error, try again")
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for packet in held:
+            if self._closing:
+                return
+            self._dispatch.get(type(packet), self._unexpected)(packet)
+
+    def _on_resume(self, packet: P.Resume) -> None:
+        # No session survives a restart of this version; the client falls
+        # back to LOGIN.
+        self.error(409, "no such session")
+
+    def _on_bye(self, packet: P.Bye) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            self.factory.sessions.end(session)
+        self._closing = True
+        self.write_out()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class AccessFactory(Factory[AccessProtocol]):
+    """Builds access connections and keeps the set of them."""
+
+    def __init__(
+        self,
+        sessions: SessionManager,
+        clock: IReactorTime,
+        max_frame: int = 65536,
+        login_timeout: float = 60,
+    ) -> None:
+        self.sessions = sessions
+        self.clock = clock
+        self.max_frame = max_frame
+        self.login_timeout = login_timeout
+        self.outbox = Outbox(clock)
+        self.connections: set[AccessProtocol] = set()
+        self._closed_waiters: list[Deferred[None]] = []
+        # packet class -> handler(protocol, packet) once logged in; the
+        # logic layer adds its packets (messages, acks) here
+        self.handlers: dict[type, Callable[[AccessProtocol, Any], None]] = {}
+
+    @property
+    def idle_timeout(self) -> float:
+        """PROTOCOL.md 1.3: silent for ``2 × heartbeat + 30`` seconds."""
+        return 2 * self.sessions.heartbeat + 30
+
+    def buildProtocol(self, addr: IAddress | None) -> AccessProtocol:
+        return AccessProtocol(self)
+
+    def logged_in_dispatch(self, p: AccessProtocol) -> dict[type, Callable[[Any], None]]:
+        dispatch: dict[type, Callable[[Any], None]] = {
+            P.Ping: p._on_ping,
+            P.Bye: p._on_bye,
+        }
+        for cls, handler in self.handlers.items():
+            dispatch[cls] = partial(handler, p)
+        return dispatch
+
+    def sweep(self) -> None:
+        """Close connections that went silent (housekeeping)."""
+        now = self.clock.seconds()
+        idle = self.idle_timeout
+        for connection in list(self.connections):
+            limit = idle if connection.session is not None else self.login_timeout
+            if now - connection.last_seen > limit:
+                connection.abort()
+
+    def kick_all(self, reason: int) -> None:
+        for connection in list(self.connections):
+            connection.kick(reason)
+
+    def forget(self, connection: AccessProtocol) -> None:
+        self.connections.discard(connection)
+        if not self.connections and self._closed_waiters:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def wait_closed(self, timeout: float) -> Deferred[None]:
+        """Fires when every connection is gone; after ``timeout`` seconds the
+        stragglers are aborted."""
+        if not self.connections:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters.append(d)
+        timer = self.clock.callLater(timeout, self._abort_all)
+        d.addBoth(lambda result: timer.cancel() if timer.active() else None)
+        return d
+
+    def _abort_all(self) -> None:
+        for connection in list(self.connections):
+            connection.abort()

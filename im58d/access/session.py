@@ -1,0 +1,55 @@
+"""The session: a user's login, apart from any TCP connection that carries it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import implementer
+
+from ..logic.interfaces import IConnection, ISession
+
+
+@implementer(ISession)
+class Session:
+    __slots__ = (
+        "uid",
+        "session_id",
+        "session_key",
+        "token",
+        "device",
+        "client",
+        "started",
+        "connection",
+        "linger",
+        "ended",
+        "nonces",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        uid: int,
+        session_id: bytes,
+        session_key: bytes,
+        token: str,
+        device: str,
+        client: str | None,
+        started: float,
+    ) -> None:
+        self.uid = uid
+        self.session_id = session_id
+        self.session_key = session_key
+        self.token = token
+        self.device = device
+        self.client = client
+        self.started = started
+        self.connection: IConnection | None = None
+        # the DelayedCall that ends the session while it has no connection
+        self.linger: Any = None
+        self.ended = False
+        # RESUME nonces already used with this session
+        self.nonces: set[bytes] = set()
+
+    def __repr__(self) -> str:
+        state = "ended" if self.ended else "attached" if self.connection else "lingering"
+        return f"<Session uid={self.uid} {state}>"

@@ -1,0 +1,187 @@
+"""``im58d-admin``: set up accounts, friendships and groups in the database.
+
+It reads the daemon's config file for the database path and works on the
+database directly (it may run beside the daemon: SQLite serialises the
+writers).  Every error is one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import sqlite_utils
+
+from .config import Config, ConfigError, load_config
+from .logic.auth import MAX_NAME_CHARS
+from .logic.passwords import PasswordError, check_password, hash_password
+from .store.interfaces import NotFound, StoreError
+from .store.sqlite import (
+    add_user_txn,
+    create_group_txn,
+    list_users_txn,
+    make_friends_txn,
+    open_database,
+    set_disabled_txn,
+    set_password_txn,
+    uid_for_name_txn,
+)
+
+
+class AdminError(Exception):
+    """What went wrong, in one line."""
+
+
+def check_name(name: str) -> str:
+    if not 0 < len(name) <= MAX_NAME_CHARS:
+        raise AdminError(f"a user name has 1 to {MAX_NAME_CHARS} characters")
+    if any(ch.isspace() or unicodedata.category(ch)[0] == "C" for ch in name):
+        raise AdminError(f"user name {name!r} has spaces or control characters")
+    return name
+
+
+def _hash(password: str) -> str:
+    try:
+        check_password(password)
+    except PasswordError as e:
+        raise AdminError(str(e)) from None
+    return hash_password(password)
+
+
+def _uid(db: sqlite_utils.Database, name: str) -> int:
+    uid = uid_for_name_txn(db, name)
+    if uid is None:
+        raise NotFound(f"no such user {name!r}")
+    return uid
+
+
+def user_add(db: sqlite_utils.Database, args: argparse.Namespace) -> str:
+    password_hash = _hash(args.password)
+    return str(add_user_txn(db, check_name(args.name), password_hash, int(time.time())))
+
+
+def user_passwd(db: sqlite_utils.Database, args: argparse.Namespace) -> str:
+    set_password_txn(db, args.name, _hash(args.password))
+    return ""
+
+
+def user_disable(db: sqlite_utils.Database, args: argparse.Namespace) -> str:
+    set_disabled_txn(db, args.name, True)
+    return ""
+
+
+def user_enable(db: sqlite_utils.Database, args: argparse.Namespace) -> str:
+    set_disabled_txn(db, args.name, False)
+    return ""
+
+
+def user_list(db: sqlite_utils.Database, args: argparse.Namespace) -> str:
+    return "\n".join(
+        f"{user['id']}\t{user['name']}" + ("\tdisabled" if user["disabled"] else "")
+        for user in list_users_txn(db)
+    )
+
+
+def friend_add(db: sqlite_utils.Database, args: argparse.Namespace) -> str:
+    make_friends_txn(db, _uid(db, args.name1), _uid(db, args.name2), int(time.time()))
+    return ""
+
+
+def group_create(db: sqlite_utils.Database, args: argparse.Namespace) -> str:
+    if not args.name.strip():
+        raise AdminError("a group name must not be empty")
+    owner = _uid(db, args.owner)
+    members = [_uid(db, name) for name in args.member]
+    return str(create_group_txn(db, args.name, owner, members, int(time.time())))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Usage errors in one line too."""
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(
+        prog="im58d-admin", description="Manage the users and groups of an im58d server."
+    )
+    top.add_argument("--config", "-c", help="the daemon's INI config file")
+    top.add_argument("--database", "-d", help="SQLite database (replaces [store] database)")
+    objects = top.add_subparsers(
+        dest="object", required=True, metavar="{user,friend,group}", parser_class=_Parser
+    )
+
+    user = objects.add_parser("user", help="add, change, disable, enable and list users")
+    verbs = user.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    add = verbs.add_parser("add", help="add a user; prints the new uid")
+    add.add_argument("name")
+    add.add_argument("--password", required=True)
+    add.set_defaults(run=user_add)
+    passwd = verbs.add_parser("passwd", help="set a user's password")
+    passwd.add_argument("name")
+    passwd.add_argument("--password", required=True)
+    passwd.set_defaults(run=user_passwd)
+    for verb, run in (("disable", user_disable), ("enable", user_enable)):
+        command = verbs.add_parser(verb, help=f"{verb} a user's logins")
+        command.add_argument("name")
+        command.set_defaults(run=run)
+    verbs.add_parser("list", help="list users: uid, name, disabled").set_defaults(run=user_list)
+
+    friend = objects.add_parser("friend", help="make two users friends")
+    verbs = friend.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    add = verbs.add_parser("add", help="make NAME1 and NAME2 friends")
+    add.add_argument("name1")
+    add.add_argument("name2")
+    add.set_defaults(run=friend_add)
+
+    group = objects.add_parser("group", help="create groups")
+    verbs = group.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    create = verbs.add_parser("create", help="create a group; prints the new gid")
+    create.add_argument("name")
+    create.add_argument("--owner", required=True)
+    create.add_argument("--member", action="append", default=[])
+    create.set_defaults(run=group_create)
+    return top
+
+
+def run_in_transaction(
+    db: sqlite_utils.Database, command: Callable[[sqlite_utils.Database, Any], str], args: Any
+) -> str:
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        output = command(db, args)
+    except BaseException:
+        db.conn.execute("ROLLBACK")
+        raise
+    db.conn.execute("COMMIT")
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load_config(args.config) if args.config else Config()
+        path = args.database or config.database
+        db = open_database(path, config.synchronous)
+        try:
+            output = run_in_transaction(db, args.run, args)
+        finally:
+            db.conn.close()
+    except (AdminError, ConfigError, StoreError) as e:
+        print(f"im58d-admin: {e}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:
+        print(f"im58d-admin: database {path}: {e}", file=sys.stderr)
+        return 1
+    if output:
+        print(output)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

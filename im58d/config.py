@@ -1,0 +1,188 @@
+"""The daemon's configuration: embedded defaults, an INI file, command-line overrides.
+
+Every key is coerced and checked when the file is read; an unknown section or
+key, or a bad value, is a ``ConfigError`` whose message names it.  The keys
+of PROTOCOL.md section 4 are a contract; the others are documented in
+``etc/im58d.ini``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .routing.iplist import AccessServer, parse_server
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # [store]
+    database: str = "im58d.sqlite"
+    synchronous: str = "normal"
+    # [listen]
+    access: tuple[str, ...] = ("tcp:5858:interface=127.0.0.1",)
+    http: tuple[str, ...] = ("tcp:8058:interface=127.0.0.1",)
+    max_frame: int = 65536
+    # [session]
+    linger: int = 300
+    heartbeat: int = 240
+    login_timeout: int = 60
+    # [login]
+    user_attempts: int = 5
+    address_attempts: int = 20
+    attempt_window: int = 900
+    # [messages]
+    max_body: int = 4096
+    friends_only: bool = False
+    retransmit: int = 10
+    # [admin]
+    admin_token: str = ""
+    # [routing]
+    routing_backend: str = "local"
+    redis: str = "tcp:127.0.0.1:6379"
+    # [iplist]
+    iplist: tuple[AccessServer, ...] = field(default=())
+    # where the values came from, for messages
+    source: str = "embedded defaults"
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True,
+             "no": False, "false": False, "off": False, "0": False}
+
+
+def _bool(text: str) -> bool:
+    try:
+        return _BOOLEANS[text.lower()]
+    except KeyError:
+        raise ValueError(f"{text!r} is not yes or no") from None
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _nonempty(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _lines(text: str) -> tuple[str, ...]:
+    values = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not values:
+        raise ValueError("needs at least one entry")
+    return values
+
+
+def _servers(text: str) -> tuple[AccessServer, ...]:
+    return tuple(parse_server(line) for line in _lines(text))
+
+
+# section -> key -> (Config attribute, parser)
+SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
+    "store": {
+        "database": ("database", _nonempty),
+        "synchronous": ("synchronous", _choice("normal", "full", "extra")),
+    },
+    "listen": {
+        "access": ("access", _lines),
+        "http": ("http", _lines),
+        "max_frame": ("max_frame", _int(64, 16 * 1024 * 1024)),
+    },
+    "session": {
+        "linger": ("linger", _int(0, 7 * 86400)),
+        "heartbeat": ("heartbeat", _int(10, 3600)),
+        "login_timeout": ("login_timeout", _int(5, 3600)),
+    },
+    "login": {
+        "user_attempts": ("user_attempts", _int(1, 1000)),
+        "address_attempts": ("address_attempts", _int(1, 100000)),
+        "attempt_window": ("attempt_window", _int(1, 86400)),
+    },
+    "messages": {
+        "max_body": ("max_body", _int(1, 1024 * 1024)),
+        "friends_only": ("friends_only", _bool),
+        "retransmit": ("retransmit", _int(1, 3600)),
+    },
+    "admin": {
+        "token": ("admin_token", _text),
+    },
+    "routing": {
+        "backend": ("routing_backend", _choice("local", "redis")),
+        "redis": ("redis", _nonempty),
+    },
+    "iplist": {
+        "servers": ("iplist", _servers),
+    },
+}
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """A ``Config`` from INI text; ``ConfigError`` names the first bad key."""
+    parser = configparser.ConfigParser(
+        inline_comment_prefixes=(";",),
+        interpolation=None,
+        default_section="\0none",
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read_string(text, source)
+    except configparser.Error as e:
+        message = str(e).replace("\n", " ")
+        raise ConfigError(f"{source}: {message}") from None
+    values: dict[str, Any] = {}
+    for section in parser.sections():
+        keys = SCHEMA.get(section)
+        if keys is None:
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        for key, raw in parser.items(section):
+            if key not in keys:
+                raise ConfigError(f"{source}: [{section}] {key}: unknown key")
+            attribute, parse = keys[key]
+            try:
+                values[attribute] = parse(raw.strip())
+            except ValueError as e:
+                raise ConfigError(f"{source}: [{section}] {key}: {e}") from None
+    return Config(source=source, **values)
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    return parse_config(text, path)
+

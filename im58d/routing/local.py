@@ -1,0 +1,53 @@
+"""The in-process router: a few dicts, for a daemon that runs as one node."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from zope.interface import implementer
+
+from .interfaces import IRouter
+
+
+@implementer(IRouter)
+class LocalRouter:
+    def __init__(self) -> None:
+        self._by_uid: dict[int, Any] = {}
+        self._by_id: dict[bytes, Any] = {}
+        self._by_token: dict[str, Any] = {}
+
+    def attach(self, session: Any) -> Any:
+        old = self._by_uid.get(session.uid)
+        if old is not None:
+            self._forget(old)
+        self._by_uid[session.uid] = session
+        self._by_id[session.session_id] = session
+        self._by_token[session.token] = session
+        return old
+
+    def _forget(self, session: Any) -> None:
+        del self._by_uid[session.uid]
+        self._by_id.pop(session.session_id, None)
+        self._by_token.pop(session.token, None)
+
+    def detach(self, session: Any) -> bool:
+        if self._by_uid.get(session.uid) is not session:
+            return False
+        self._forget(session)
+        return True
+
+    def session_for(self, uid: int) -> Any:
+        return self._by_uid.get(uid)
+
+    def session_by_id(self, session_id: bytes) -> Any:
+        return self._by_id.get(session_id)
+
+    def session_by_token(self, token: str) -> Any:
+        return self._by_token.get(token)
+
+    def sessions(self) -> Iterator[Any]:
+        return iter(list(self._by_uid.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_uid)

@@ -1,0 +1,397 @@
+"""The SQLite store: one database thread, group commit, numbered migrations.
+
+Functions whose names end in ``_txn`` run on the database thread inside a
+transaction: they take the sqlite-utils ``Database`` first and return plain
+data.  ``im58d-admin`` calls the same functions directly, without a reactor.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import sqlite_utils
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from .interfaces import Conflict, IStore, NotFound, StoreError
+
+log = Logger()
+
+SYNCHRONOUS_MODES = ("normal", "full", "extra")
+
+
+def schema_scripts() -> list[tuple[int, str]]:
+    """The numbered schema scripts shipped with the package, in order."""
+    scripts = []
+    for entry in resources.files(__package__).joinpath("schema").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:3].isdigit():
+            scripts.append((int(name[:3]), entry.read_text("utf-8")))
+    scripts.sort()
+    return scripts
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Bring the schema up to the newest version; each step is atomic."""
+    scripts = schema_scripts()
+    version = schema_version(db)
+    latest = scripts[-1][0]
+    if version > latest:
+        raise StoreError(
+            f"the database has schema version {version}, newer than this "
+            f"im58d knows ({latest}); upgrade im58d"
+        )
+    for number, sql in scripts:
+        if number <= version:
+            continue
+        try:
+            db.conn.executescript(
+                f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {number};\nCOMMIT;"
+            )
+        except sqlite3.Error:
+            if db.conn.in_transaction:
+                db.conn.rollback()
+            raise
+        log.info("database schema upgraded to version {version}", version=number)
+        version = number
+    return version
+
+
+def open_database(path: str, synchronous: str = "normal") -> sqlite_utils.Database:
+    """Open (or create) and migrate the database at ``path``.
+
+    Raises ``StoreError`` with a one-line reason when it cannot be used.
+    """
+    if synchronous not in SYNCHRONOUS_MODES:
+        raise StoreError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+    conn = None
+    try:
+        # isolation_level=None: transactions are begun and ended explicitly.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if path != ":memory:":
+            mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"cannot use WAL journal mode on {path} (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        db = sqlite_utils.Database(conn, execute_plugins=False)
+        migrate(db)
+        return db
+    except sqlite3.Error as e:
+        if conn is not None:
+            conn.close()
+        raise StoreError(f"cannot use database {path}: {e}") from None
+    except StoreError:
+        if conn is not None:
+            conn.close()
+        raise
+
+
+# -- accounts ---------------------------------------------------------------
+
+
+def add_user_txn(db: sqlite_utils.Database, name: str, password_hash: str, now: int) -> int:
+    try:
+        cur = db.execute(
+            "INSERT INTO users (name, password, nick, created) VALUES (?, ?, ?, ?)",
+            (name, password_hash, name, now),
+        )
+    except sqlite3.IntegrityError:
+        raise Conflict(f"user {name!r} exists") from None
+    uid = int(cur.lastrowid or 0)
+    db.execute("INSERT INTO inboxes (uid) VALUES (?)", (uid,))
+    db.execute("INSERT INTO list_versions (uid) VALUES (?)", (uid,))
+    return uid
+
+
+def uid_for_name_txn(db: sqlite_utils.Database, name: str) -> int | None:
+    row = db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _require_uid(db: sqlite_utils.Database, name: str) -> int:
+    uid = uid_for_name_txn(db, name)
+    if uid is None:
+        raise NotFound(f"no such user {name!r}")
+    return uid
+
+
+def set_password_txn(db: sqlite_utils.Database, name: str, password_hash: str) -> int:
+    uid = _require_uid(db, name)
+    db.execute("UPDATE users SET password = ? WHERE id = ?", (password_hash, uid))
+    return uid
+
+
+def set_disabled_txn(db: sqlite_utils.Database, name: str, disabled: bool) -> int:
+    uid = _require_uid(db, name)
+    db.execute("UPDATE users SET disabled = ? WHERE id = ?", (int(disabled), uid))
+    return uid
+
+
+def list_users_txn(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    return [
+        {"id": row["id"], "name": row["name"], "disabled": bool(row["disabled"])}
+        for row in db.query("SELECT id, name, disabled FROM users ORDER BY id")
+    ]
+
+
+def login_record_txn(db: sqlite_utils.Database, name: str) -> tuple[int, str, bool] | None:
+    row = db.execute(
+        "SELECT id, password, disabled FROM users WHERE name = ?", (name,)
+    ).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]), bool(row[2]))
+
+
+def disabled_users_txn(db: sqlite_utils.Database) -> list[int]:
+    return [int(row[0]) for row in db.execute("SELECT id FROM users WHERE disabled = 1")]
+
+
+def _require_users(db: sqlite_utils.Database, uids: list[int]) -> None:
+    for uid in uids:
+        if db.execute("SELECT 1 FROM users WHERE id = ?", (uid,)).fetchone() is None:
+            raise NotFound(f"no such user {uid}")
+
+
+def _bump_list(db: sqlite_utils.Database, uid: int, column: str) -> int:
+    return int(
+        db.execute(
+            f"UPDATE list_versions SET {column} = {column} + 1 WHERE uid = ? "
+            f"RETURNING {column}",
+            (uid,),
+        ).fetchone()[0]
+    )
+
+
+# -- lists ------------------------------------------------------------------
+
+
+def make_friends_txn(db: sqlite_utils.Database, uid1: int, uid2: int, now: int) -> None:
+    if uid1 == uid2:
+        raise StoreError("a user cannot befriend themselves")
+    _require_users(db, [uid1, uid2])
+    try:
+        db.conn.executemany(
+            "INSERT INTO friends (uid, friend, since) VALUES (?, ?, ?)",
+            [(uid1, uid2, now), (uid2, uid1, now)],
+        )
+    except sqlite3.IntegrityError:
+        raise Conflict(f"users {uid1} and {uid2} are friends already") from None
+    db.execute(
+        "DELETE FROM friend_requests WHERE (sender = ? AND receiver = ?) "
+        "OR (sender = ? AND receiver = ?)",
+        (uid1, uid2, uid2, uid1),
+    )
+    _bump_list(db, uid1, "friend_list")
+    _bump_list(db, uid2, "friend_list")
+
+
+def create_group_txn(
+    db: sqlite_utils.Database, name: str, owner: int, members: list[int], now: int
+) -> int:
+    everyone = [owner] + [uid for uid in dict.fromkeys(members) if uid != owner]
+    _require_users(db, everyone)
+    cur = db.execute(
+        "INSERT INTO groups (name, owner, created) VALUES (?, ?, ?)", (name, owner, now)
+    )
+    gid = int(cur.lastrowid or 0)
+    db.conn.executemany(
+        "INSERT INTO group_members (gid, uid, joined) VALUES (?, ?, ?)",
+        [(gid, uid, now) for uid in everyone],
+    )
+    for uid in everyone:
+        _bump_list(db, uid, "group_list")
+    return gid
+
+
+# -- inbox ------------------------------------------------------------------
+
+
+def inbox_max_txn(db: sqlite_utils.Database, uid: int) -> int:
+    row = db.execute("SELECT max_seq FROM inboxes WHERE uid = ?", (uid,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+# -- the database thread ----------------------------------------------------
+
+Operation = tuple[Callable[..., Any], tuple[Any, ...], "Deferred[Any]", bool]
+
+
+@implementer(IStore)
+class SQLiteStore:
+    """An ``IStore`` on one SQLite database, used from one dedicated thread.
+
+    Operations queue up while the thread is busy; each round takes the whole
+    queue and runs it as one transaction (group commit), every operation in
+    its own savepoint so that one failing operation does not undo the others.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        reactor: Any,
+        synchronous: str = "normal",
+        pool: Any = None,
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._reactor = reactor
+        # one thread owns the connection; tests may pass a pool that runs
+        # work at once
+        self._pool = pool or ThreadPool(minthreads=1, maxthreads=1, name="im58d-db")
+        self._db: sqlite_utils.Database | None = None
+        self._queue: list[Operation] = []
+        self._busy = False
+        self._flush_scheduled = False
+        self._drained: list[Deferred[None]] = []
+        self.batches = 0
+        self.operations = 0
+
+    # lifecycle
+
+    def start(self) -> Deferred[None]:
+        self._pool.start()
+        d = deferToThreadPool(self._reactor, self._pool, self._open_in_thread)
+        return d
+
+    def _open_in_thread(self) -> None:
+        self._db = open_database(self.path, self.synchronous)
+
+    def stop(self) -> Deferred[None]:
+        d = self._wait_drained()
+
+        def close(_: object) -> Deferred[None]:
+            closed = deferToThreadPool(self._reactor, self._pool, self._close_in_thread)
+            closed.addBoth(self._stop_pool)
+            return closed
+
+        d.addCallback(close)
+        return d
+
+    def _close_in_thread(self) -> None:
+        if self._db is not None:
+            self._db.conn.close()
+            self._db = None
+
+    def _stop_pool(self, result: object) -> object:
+        self._pool.stop()
+        return result
+
+    def _wait_drained(self) -> Deferred[None]:
+        if not self._busy and not self._queue:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
+
+    # the queue
+
+    def _run(self, fn: Callable[..., Any], *args: Any, write: bool = True) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._queue.append((fn, args, d, write))
+        if not self._busy and not self._flush_scheduled:
+            # Let everything submitted in this reactor turn join the batch.
+            self._flush_scheduled = True
+            self._reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._busy or not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        self._busy = True
+        d = deferToThreadPool(self._reactor, self._pool, self._run_batch, batch)
+        d.addBoth(self._batch_done, batch)
+
+    def _run_batch(self, batch: list[Operation]) -> list[tuple[bool, Any]]:
+        """On the database thread: the whole batch in one transaction."""
+        db = self._db
+        if db is None:
+            raise StoreError(f"database {self.path} is not open")
+        conn = db.conn
+        write = any(op[3] for op in batch)
+        results: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            for fn, args, _, _ in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, fn(db, *args)))
+                except Exception:
+                    results.append((False, Failure()))
+                    conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+    def _batch_done(
+        self, outcome: list[tuple[bool, Any]] | Failure, batch: list[Operation]
+    ) -> None:
+        self.batches += 1
+        self.operations += len(batch)
+        if isinstance(outcome, Failure):
+            log.failure("database transaction failed", outcome)
+            for _, _, d, _ in batch:
+                d.errback(outcome)
+        else:
+            for (_, _, d, _), (ok, value) in zip(batch, outcome, strict=True):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
+        self._busy = False
+        if self._queue:
+            self._flush()
+        elif self._drained:
+            waiting, self._drained = self._drained, []
+            for waiter in waiting:
+                waiter.callback(None)
+
+    # IStore
+
+    def add_user(self, name: str, password_hash: str, now: int) -> Deferred[int]:
+        return self._run(add_user_txn, name, password_hash, now)
+
+    def set_password(self, name: str, password_hash: str) -> Deferred[int]:
+        return self._run(set_password_txn, name, password_hash)
+
+    def set_disabled(self, name: str, disabled: bool) -> Deferred[int]:
+        return self._run(set_disabled_txn, name, disabled)
+
+    def list_users(self) -> Deferred[list[dict[str, Any]]]:
+        return self._run(list_users_txn, write=False)
+
+    def disabled_users(self) -> Deferred[list[int]]:
+        return self._run(disabled_users_txn, write=False)
+
+    def login_record(self, name: str) -> Deferred[tuple[int, str, bool] | None]:
+        return self._run(login_record_txn, name, write=False)
+
+    def uid_for_name(self, name: str) -> Deferred[int | None]:
+        return self._run(uid_for_name_txn, name, write=False)
+
+    def make_friends(self, uid1: int, uid2: int, now: int) -> Deferred[None]:
+        return self._run(make_friends_txn, uid1, uid2, now)
+
+    def create_group(
+        self, name: str, owner: int, members: list[int], now: int
+    ) -> Deferred[int]:
+        return self._run(create_group_txn, name, owner, members, now)
+
+    def inbox_max(self, uid: int) -> Deferred[int]:
+        return self._run(inbox_max_txn, uid, write=False)

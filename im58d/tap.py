@@ -1,0 +1,232 @@
+"""``twistd im58d``: the options and ``makeService``, which assembles the daemon."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from . import __version__
+from .access.protocol import AccessFactory
+from .access.sessions import SessionManager
+from .config import Config, ConfigError, load_config
+from .logic.auth import Authenticator, LoginThrottle, ThreadedVerifier
+from .routing.iplist import IPList, server_from_endpoint
+from .routing.local import LocalRouter
+from .store.interfaces import StoreError
+from .store.sqlite import SQLiteStore, open_database
+from .web.root import make_site
+from .wire import packets as P
+
+log = Logger()
+
+HOUSEKEEPING_INTERVAL = 10.0
+SHUTDOWN_GRACE = 5.0
+
+
+class Options(usage.Options):
+    synopsis = (
+        "[--config FILE] [--database PATH] [--access ENDPOINT]... [--http ENDPOINT]..."
+    )
+    longdesc = (
+        "Runs the im58d instant-messaging server.  Without options it uses its "
+        "embedded defaults: im58d.sqlite in the working directory, the access "
+        "listener on tcp:5858 and HTTP on tcp:8058, both on 127.0.0.1."
+    )
+    optParameters = [
+        ["config", "c", None, "INI configuration file (see etc/im58d.ini)."],
+        ["database", "d", None, "SQLite database file; replaces [store] database."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["access"] = []
+        self["http"] = []
+        self.config = Config()
+
+    def opt_access(self, endpoint: str) -> None:
+        """Access (TCP long connection) listener, a Twisted endpoint string;
+        repeatable; replaces [listen] access."""
+        self["access"].append(endpoint)
+
+    def opt_http(self, endpoint: str) -> None:
+        """HTTP listener, a Twisted endpoint string; repeatable; replaces
+        [listen] http."""
+        self["http"].append(endpoint)
+
+    def opt_version(self) -> None:
+        print(f"im58d {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        try:
+            config = load_config(self["config"]) if self["config"] else Config()
+        except ConfigError as e:
+            raise SystemExit(f"im58d: {e}") from None
+        overrides: dict[str, Any] = {}
+        if self["database"]:
+            overrides["database"] = self["database"]
+        if self["access"]:
+            overrides["access"] = tuple(self["access"])
+        if self["http"]:
+            overrides["http"] = tuple(self["http"])
+        self.config = config.replace(**overrides)
+
+
+class OrderedService(MultiService):
+    """Stops its children in reverse order, each after the one before is done,
+    so listeners close before sessions end and sessions before the store."""
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("stopping {service}", service=service)
+
+
+class CallbackService(Service):
+    """Runs ``start`` once the reactor runs, and ``stop`` (which may return a
+    Deferred) on stop.  Starting late keeps threads from being started when
+    a listener fails to start and the daemon exits before running."""
+
+    def __init__(
+        self, name: str, reactor: Any, start: Callable[[], Any], stop: Callable[[], Any]
+    ) -> None:
+        self.setName(name)
+        self._reactor = reactor
+        self._start = start
+        self._stop = stop
+        self._started = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(self._begin)
+
+    def _begin(self) -> None:
+        if not self.running:
+            return
+        self._started = True
+        d = maybeDeferred(self._start)
+        d.addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("{name} failed to start", failure, name=self.name)
+        self._reactor.stop()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if not self._started:
+            return None
+        return maybeDeferred(self._stop)
+
+
+class ListenerService(StreamServerEndpointService):
+    """A listener whose failure to listen stops the start with one line."""
+
+    def __init__(self, endpoint: Any, factory: Any, key: str, description: str) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self._what = f"[listen] {key}: cannot listen on {description!r}"
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            raise _fail(f"{self._what}: {e}") from None
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"im58d: {message}")
+
+
+def _listeners(reactor: Any, config: Config, key: str, factory: Any) -> list[Service]:
+    services: list[Service] = []
+    for description in getattr(config, key):
+        try:
+            endpoint = serverFromString(reactor, description)
+        except Exception as e:
+            raise _fail(f"[listen] {key}: {description!r}: {e}") from None
+        services.append(ListenerService(endpoint, factory, key, description))
+    return services
+
+
+def _access_service(factory: AccessFactory, reactor: Any) -> Service:
+    """On stop: stop reading from clients, let pending commits finish, then
+    KICKED 3 to every client and wait (briefly) for the connections to close."""
+
+    def stop() -> Deferred[None]:
+        for connection in list(factory.connections):
+            connection.pauseProducing()
+        factory.kick_all(P.KICKED_SHUTDOWN)
+        return factory.wait_closed(SHUTDOWN_GRACE)
+
+    return CallbackService("access", reactor, lambda: None, stop)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    config = options.config
+    top = OrderedService()
+    store = SQLiteStore(config.database, reactor, config.synchronous)
+    verifier = ThreadedVerifier(reactor)
+    servers = config.iplist or tuple(
+        s for s in map(server_from_endpoint, config.access) if s is not None
+    )
+    iplist = IPList(list(servers))
+    throttle = LoginThrottle(
+        reactor, config.user_attempts, config.address_attempts, config.attempt_window
+    )
+    sessions = SessionManager(
+        LocalRouter(),
+        store,
+        Authenticator(store, throttle, verifier),
+        reactor,
+        heartbeat=config.heartbeat,
+        linger=config.linger,
+        iplist_version=lambda: iplist.version,
+    )
+    factory = AccessFactory(sessions, reactor, config.max_frame, config.login_timeout)
+    site = make_site(iplist)
+    listeners = _listeners(reactor, config, "http", site)
+    listeners += _listeners(reactor, config, "access", factory)
+    try:
+        open_database(config.database, config.synchronous).conn.close()
+    except StoreError as e:
+        raise _fail(f"[store] database: {e}") from None
+
+    def housekeeping() -> None:
+        try:
+            factory.sweep()
+            throttle.prune()
+            sessions.end_disabled().addErrback(
+                lambda f: log.failure("checking disabled users", f)
+            )
+        except Exception:
+            log.failure("housekeeping")
+
+    timer = TimerService(HOUSEKEEPING_INTERVAL, housekeeping)
+    timer.clock = reactor
+
+    # Started in this order, stopped in reverse: listeners first, the store last.
+    for service in [
+        CallbackService("store", reactor, store.start, store.stop),
+        CallbackService("auth", reactor, verifier.start, verifier.stop),
+        timer,
+        _access_service(factory, reactor),
+        *listeners,
+    ]:
+        service.setServiceParent(top)
+    return top

@@ -1,0 +1,134 @@
+"""What every HTTP resource of im58d shares: JSON bodies, JSON errors, ETags."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Request
+
+log = Logger()
+
+JSON = b"application/json"
+
+
+class HTTPError(Exception):
+    """Answered as ``{"error": {"code": word, "message": text}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+_GZIP = GzipEncoderFactory()
+_GZIP.compressLevel = 6  # level 9 costs much more CPU for a few bytes
+
+
+def respond(request: Request, value: Any, status: int = 200) -> bytes:
+    """A JSON body, gzip-compressed when the client accepts it."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON)
+    request.setHeader(b"cache-control", b"no-store")
+    # What EncodingResourceWrapper does, but for every JSON body of the tree
+    # and never for bodiless answers (a 304 must stay empty).
+    encoder = _GZIP.encoderForRequest(request)
+    if encoder is not None:
+        request._encoder = encoder
+    return dumps(value)
+
+
+def error_body(request: Request, error: HTTPError) -> bytes:
+    return respond(
+        request, {"error": {"code": error.code, "message": error.message}}, error.status
+    )
+
+
+def not_modified(request: Request, version: int) -> bool:
+    """Set ``ETag`` to the version; True (and 304) when the client has it."""
+    tag = f'"{version}"'
+    request.setHeader(b"etag", tag.encode("ascii"))
+    header = request.getHeader(b"if-none-match")
+    if header is None:
+        return False
+    for candidate in header.decode("latin-1").split(","):
+        candidate = candidate.strip()
+        if candidate.startswith("W/"):
+            candidate = candidate[2:]
+        if candidate in (tag, "*"):
+            request.setResponseCode(http.NOT_MODIFIED)
+            return True
+    return False
+
+
+class JSONResource(Resource):
+    """A leaf whose ``render_<METHOD>`` may raise ``HTTPError``.
+
+    Methods without a handler get 405; errors are JSON, never HTML.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> Any:
+        method = request.method.decode("ascii", "replace")
+        if method == "HEAD":
+            method = "GET"
+        handler = getattr(self, f"render_{method}", None)
+        if handler is None:
+            allowed = sorted(
+                name[7:] for name in dir(self) if name.startswith("render_") and name[7:].isupper()
+            )
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+            return error_body(
+                request, HTTPError(405, "method_not_allowed", f"{method} is not allowed here")
+            )
+        try:
+            result = handler(request)
+        except HTTPError as e:
+            return error_body(request, e)
+        if isinstance(result, Deferred):
+            result.addErrback(_error_or_500, request)
+            result.addCallback(_finish, request)
+            return NOT_DONE_YET
+        return result
+
+
+def _error_or_500(failure: Failure, request: Request) -> bytes:
+    if isinstance(failure.value, HTTPError):
+        return error_body(request, failure.value)
+    log.failure("{method} {path}", failure, method=request.method, path=request.path)
+    return error_body(request, HTTPError(500, "internal", "server error"))
+
+
+def _finish(body: bytes, request: Request) -> None:
+    if request.finished or request.channel is None:  # the client went away
+        return
+    if body:
+        request.write(body)
+    request.finish()
+
+
+class NotFound(JSONResource):
+    def render(self, request: Request) -> bytes:
+        path = request.path.decode("utf-8", "replace")
+        return error_body(request, HTTPError(404, "not_found", f"no resource at {path}"))
+
+
+class Directory(Resource):
+    """A node of the tree whose unknown children are JSON 404s."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NotFound()
+
+    def render(self, request: Request) -> bytes:
+        return NotFound().render(request)

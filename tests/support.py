@@ -1,0 +1,139 @@
+"""Test doubles shared by the unit tests: no threads, no sockets, no real time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from im58d.access.protocol import AccessFactory, AccessProtocol
+from im58d.access.sessions import SessionManager
+from im58d.logic.auth import Authenticator, LoginThrottle
+from im58d.logic.passwords import hash_password, verify_password
+from im58d.routing.local import LocalRouter
+from im58d.store.sqlite import SQLiteStore, add_user_txn
+from im58d.wire import Decoder, encode
+from im58d.wire import packets as P
+
+# scrypt at a tiny cost: the tests check behaviour, not the hash's strength
+CHEAP_N = 16
+
+
+class ImmediateReactor(MemoryReactorClock):
+    """A clock reactor whose callFromThread runs the call at once."""
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
+class ImmediatePool:
+    """A ThreadPool stand-in that runs each job at once, in the caller's thread."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+def immediate_verify(password: str, encoded: str) -> Deferred[bool]:
+    return succeed(verify_password(password, encoded))
+
+
+def memory_store(reactor: ImmediateReactor, path: str = ":memory:") -> SQLiteStore:
+    """A started SQLiteStore whose database work runs synchronously."""
+    store = SQLiteStore(path, reactor, pool=ImmediatePool())
+    store.start()
+    return store
+
+
+def add_user(store: SQLiteStore, name: str, password: str = "pw") -> int:
+    """Create a user straight on the store's connection (no queue)."""
+    db = store._db
+    assert db is not None
+    return add_user_txn(db, name, hash_password(password, n=CHEAP_N), 0)
+
+
+class Harness:
+    """The access layer wired to an in-memory store and a clock."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.reactor = ImmediateReactor()
+        self.store = memory_store(self.reactor)
+        self.router = LocalRouter()
+        self.throttle = LoginThrottle(self.reactor)
+        self.auth = Authenticator(self.store, self.throttle, immediate_verify)
+        self.sessions = SessionManager(
+            self.router,
+            self.store,
+            self.auth,
+            self.reactor,
+            heartbeat=settings.pop("heartbeat", 240),
+            linger=settings.pop("linger", 300),
+            iplist_version=lambda: 7,
+        )
+        self.factory = AccessFactory(self.sessions, self.reactor, **settings)
+
+    def connect(self, host: str = "10.0.0.1") -> Client:
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=_Address(host))
+        protocol.makeConnection(transport)
+        return Client(self, protocol, transport)
+
+    def turn(self) -> None:
+        """Run what one reactor turn would: store batches, then the outbox."""
+        for _ in range(10):
+            self.reactor.advance(0)
+
+
+class _Address:
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.port = 40000
+
+
+class Client:
+    """A test's view of one connection: packets in, packets out."""
+
+    def __init__(self, harness: Harness, protocol: AccessProtocol, transport: StringTransport):
+        self.harness = harness
+        self.protocol = protocol
+        self.transport = transport
+        self.decoder = Decoder()
+
+    def send(self, *packets: Any) -> None:
+        self.send_bytes(b"".join(encode(p) for p in packets))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+        self.harness.turn()
+
+    def received(self) -> list[Any]:
+        """The packets written to the client since the last call."""
+        data = self.transport.value()
+        self.transport.clear()
+        return list(self.decoder.feed(data))
+
+    def login(self, user: str, password: str = "pw") -> P.Welcome:
+        self.send(P.Login(user, password, "test-device"))
+        packets = self.received()
+        assert len(packets) == 1 and isinstance(packets[0], P.Welcome), packets
+        return packets[0]
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting) or self.transport.disconnected
+
+    def drop(self) -> None:
+        """The TCP connection breaks (no BYE)."""
+        self.protocol.connectionLost(Failure(ConnectionError("dropped")))

@@ -1,0 +1,91 @@
+"""The HTTP layer's shared behaviour: JSON errors, ETags, gzip; GET /v1/iplist."""
+
+from __future__ import annotations
+
+import gzip
+from typing import Any
+
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import readBody
+from twisted.web.http_headers import Headers
+
+from im58d.routing.iplist import IPList, parse_server
+from im58d.web.root import make_site
+
+
+class WebTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.iplist = IPList(
+            [parse_server("203.0.113.10:5858 weight=2"), parse_server("203.0.113.11:5859 tls")]
+        )
+        self.treq: Any = StubTreq(make_site(self.iplist).resource)
+
+    def get(self, path: str, **headers: str) -> Any:
+        response = self.successResultOf(
+            self.treq.get(
+                "http://im58d.test" + path,
+                headers={k.replace("_", "-"): [v] for k, v in headers.items()},
+            )
+        )
+        body = self.successResultOf(response.content())
+        return response, body
+
+    def test_iplist(self) -> None:
+        """GET /v1/iplist lists the servers with their version as ETag."""
+        response, body = self.get("/v1/iplist")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(
+            body,
+            b'{"version":%d,"servers":[{"host":"203.0.113.10","port":5858,"tls":false,'
+            b'"weight":2},{"host":"203.0.113.11","port":5859,"tls":true,"weight":1}]}'
+            % self.iplist.version,
+        )
+        self.assertEqual(response.headers.getRawHeaders("etag"), [f'"{self.iplist.version}"'])
+
+    def test_iplist_version_follows_content(self) -> None:
+        """The same servers give the same version; any change gives another."""
+        same = IPList([parse_server("203.0.113.10:5858 weight=2"),
+                       parse_server("203.0.113.11:5859 tls")])
+        other = IPList([parse_server("203.0.113.10:5858 weight=3"),
+                        parse_server("203.0.113.11:5859 tls")])
+        self.assertEqual(same.version, self.iplist.version)
+        self.assertNotEqual(other.version, self.iplist.version)
+
+    def test_not_modified(self) -> None:
+        """If-None-Match with the current version gets 304 and no body; an
+        old version gets the list."""
+        tag = f'"{self.iplist.version}"'
+        response, body = self.get("/v1/iplist", if_none_match=tag)
+        self.assertEqual((response.code, body), (304, b""))
+        response, body = self.get("/v1/iplist", if_none_match=f'"1", W/{tag}')
+        self.assertEqual(response.code, 304)
+        response, body = self.get("/v1/iplist", if_none_match='"1"')
+        self.assertEqual(response.code, 200)
+
+    def test_gzip(self) -> None:
+        """Answers are gzip-compressed when the request accepts it."""
+        agent = RequestTraversalAgent(make_site(self.iplist).resource)
+        headers = Headers({b"accept-encoding": [b"gzip"]})
+        response = self.successResultOf(
+            agent.request(b"GET", b"http://im58d.test/v1/iplist", headers)
+        )
+        self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
+        body = self.successResultOf(readBody(response))
+        self.assertIn(b'"servers"', gzip.decompress(body))
+
+    def test_unknown_path(self) -> None:
+        """An unknown path is a JSON 404, not an HTML page."""
+        for path in ("/", "/v1", "/v1/nothing", "/v2/iplist"):
+            response, body = self.get(path)
+            self.assertEqual(response.code, 404, path)
+            self.assertIn(b'"code":"not_found"', body)
+
+    def test_wrong_method(self) -> None:
+        """A method the resource does not have is a JSON 405 with Allow."""
+        response = self.successResultOf(self.treq.post("http://im58d.test/v1/iplist", data=b"{}"))
+        body = self.successResultOf(response.content())
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["GET, HEAD"])
+        self.assertIn(b'"code":"method_not_allowed"', body)
