@@ -20,17 +20,17 @@ import sqlite_utils
 from .config import Config, ConfigError, load_config
 from .logic.auth import MAX_NAME_CHARS
 from .logic.passwords import PasswordError, check_password, hash_password
-from .store.interfaces import NotFound, StoreError
-from .store.sqlite import (
+from .store.accounts import (
     add_user_txn,
     create_group_txn,
     list_users_txn,
     make_friends_txn,
-    open_database,
     set_disabled_txn,
     set_password_txn,
     uid_for_name_txn,
 )
+from .store.interfaces import NotFound, StoreError
+from .store.sqlite import open_database
 
 
 class AdminError(Exception):

@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -18,6 +18,7 @@ from .access.protocol import AccessFactory
 from .access.sessions import SessionManager
 from .config import Config, ConfigError, load_config
 from .logic.auth import Authenticator, LoginThrottle, ThreadedVerifier
+from .logic.messages import Messenger
 from .routing.iplist import IPList, server_from_endpoint
 from .routing.local import LocalRouter
 from .store.interfaces import StoreError
@@ -28,6 +29,7 @@ from .wire import packets as P
 log = Logger()
 
 HOUSEKEEPING_INTERVAL = 10.0
+RESEND_INTERVAL = 1.0
 SHUTDOWN_GRACE = 5.0
 
 
@@ -160,15 +162,18 @@ def _listeners(reactor: Any, config: Config, key: str, factory: Any) -> list[Ser
     return services
 
 
-def _access_service(factory: AccessFactory, reactor: Any) -> Service:
-    """On stop: stop reading from clients, let pending commits finish, then
-    KICKED 3 to every client and wait (briefly) for the connections to close."""
+def _access_service(factory: AccessFactory, messenger: Messenger, reactor: Any) -> Service:
+    """On stop: stop reading from clients, let pending commits finish (their
+    MSG_As go out), then KICKED 3 to every client and wait (briefly) for the
+    connections to close."""
 
-    def stop() -> Deferred[None]:
+    @inlineCallbacks
+    def stop() -> Any:
         for connection in list(factory.connections):
             connection.pauseProducing()
+        yield messenger.drain()
         factory.kick_all(P.KICKED_SHUTDOWN)
-        return factory.wait_closed(SHUTDOWN_GRACE)
+        yield factory.wait_closed(SHUTDOWN_GRACE)
 
     return CallbackService("access", reactor, lambda: None, stop)
 
@@ -189,8 +194,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     throttle = LoginThrottle(
         reactor, config.user_attempts, config.address_attempts, config.attempt_window
     )
+    router = LocalRouter()
     sessions = SessionManager(
-        LocalRouter(),
+        router,
         store,
         Authenticator(store, throttle, verifier),
         reactor,
@@ -199,7 +205,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         iplist_version=lambda: iplist.version,
     )
     factory = AccessFactory(sessions, reactor, config.max_frame, config.login_timeout)
-    site = make_site(iplist)
+    messenger = Messenger(
+        store, router, reactor, config.max_body, config.friends_only, config.retransmit
+    )
+    factory.handlers[P.MsgR] = messenger.on_msg_r
+    factory.handlers[P.AckR] = messenger.on_ack_r
+    site = make_site(iplist, sessions, store)
     listeners = _listeners(reactor, config, "http", site)
     listeners += _listeners(reactor, config, "access", factory)
     try:
@@ -219,13 +230,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     timer = TimerService(HOUSEKEEPING_INTERVAL, housekeeping)
     timer.clock = reactor
+    resend = TimerService(RESEND_INTERVAL, messenger.resend_late)
+    resend.clock = reactor
 
     # Started in this order, stopped in reverse: listeners first, the store last.
     for service in [
         CallbackService("store", reactor, store.start, store.stop),
         CallbackService("auth", reactor, verifier.start, verifier.stop),
         timer,
-        _access_service(factory, reactor),
+        resend,
+        _access_service(factory, messenger, reactor),
         *listeners,
     ]:
         service.setServiceParent(top)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -11,14 +13,20 @@ from twisted.python.failure import Failure
 from im58d.access.protocol import AccessFactory, AccessProtocol
 from im58d.access.sessions import SessionManager
 from im58d.logic.auth import Authenticator, LoginThrottle
+from im58d.logic.messages import Messenger
 from im58d.logic.passwords import hash_password, verify_password
+from im58d.routing.iplist import AccessServer, IPList
 from im58d.routing.local import LocalRouter
-from im58d.store.sqlite import SQLiteStore, add_user_txn
+from im58d.store.accounts import add_user_txn
+from im58d.store.sqlite import SQLiteStore
+from im58d.web.root import make_site
 from im58d.wire import Decoder, encode
 from im58d.wire import packets as P
 
 # scrypt at a tiny cost: the tests check behaviour, not the hash's strength
 CHEAP_N = 16
+# the clock's start: a realistic Unix time, as ts fields would carry it
+NOW = 1_800_000_000
 
 
 class ImmediateReactor(MemoryReactorClock):
@@ -69,7 +77,8 @@ class Harness:
 
     def __init__(self, **settings: Any) -> None:
         self.reactor = ImmediateReactor()
-        self.store = memory_store(self.reactor)
+        self.reactor.advance(NOW)
+        self.store = memory_store(self.reactor, settings.pop("path", ":memory:"))
         self.router = LocalRouter()
         self.throttle = LoginThrottle(self.reactor)
         self.auth = Authenticator(self.store, self.throttle, immediate_verify)
@@ -82,7 +91,20 @@ class Harness:
             linger=settings.pop("linger", 300),
             iplist_version=lambda: 7,
         )
+        self.messenger = Messenger(
+            self.store,
+            self.router,
+            self.reactor,
+            max_body=settings.pop("max_body", 4096),
+            friends_only=settings.pop("friends_only", False),
+            retransmit=settings.pop("retransmit", 10),
+        )
         self.factory = AccessFactory(self.sessions, self.reactor, **settings)
+        self.factory.handlers[P.MsgR] = self.messenger.on_msg_r
+        self.factory.handlers[P.AckR] = self.messenger.on_ack_r
+        self.iplist = IPList([AccessServer("127.0.0.1", 5858)])
+        self.site = make_site(self.iplist, self.sessions, self.store)
+        self.treq: Any = StubTreq(self.site.resource)
 
     def connect(self, host: str = "10.0.0.1") -> Client:
         protocol = self.factory.buildProtocol(None)
@@ -94,6 +116,24 @@ class Harness:
         """Run what one reactor turn would: store batches, then the outbox."""
         for _ in range(10):
             self.reactor.advance(0)
+
+    def http(
+        self, method: str, path: str, token: str | None = None, body: Any = None
+    ) -> tuple[int, Any]:
+        """An HTTP request to the site, answered in memory: (status, JSON or None)."""
+        headers = {"Authorization": [f"Bearer {token}"]} if token else {}
+        data = json.dumps(body).encode() if body is not None else None
+        d = self.treq.request(method, "http://im58d.test" + path, headers=headers, data=data)
+        self.turn()
+        self.treq.flush()
+        responses: list[Any] = []
+        d.addCallback(responses.append)
+        assert responses, f"no response to {method} {path}"
+        response = responses[0]
+        content: list[bytes] = []
+        response.content().addCallback(content.append)
+        self.treq.flush()
+        return response.code, json.loads(content[0]) if content[0] else None
 
 
 class _Address:

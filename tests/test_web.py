@@ -13,13 +13,17 @@ from twisted.web.http_headers import Headers
 from im58d.routing.iplist import IPList, parse_server
 from im58d.web.root import make_site
 
+from .support import Harness
+
 
 class WebTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.iplist = IPList(
             [parse_server("203.0.113.10:5858 weight=2"), parse_server("203.0.113.11:5859 tls")]
         )
-        self.treq: Any = StubTreq(make_site(self.iplist).resource)
+        self.harness = Harness()
+        self.site = make_site(self.iplist, self.harness.sessions, self.harness.store)
+        self.treq: Any = StubTreq(self.site.resource)
 
     def get(self, path: str, **headers: str) -> Any:
         response = self.successResultOf(
@@ -66,7 +70,7 @@ class WebTests(SynchronousTestCase):
 
     def test_gzip(self) -> None:
         """Answers are gzip-compressed when the request accepts it."""
-        agent = RequestTraversalAgent(make_site(self.iplist).resource)
+        agent = RequestTraversalAgent(self.site.resource)
         headers = Headers({b"accept-encoding": [b"gzip"]})
         response = self.successResultOf(
             agent.request(b"GET", b"http://im58d.test/v1/iplist", headers)

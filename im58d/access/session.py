@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from zope.interface import implementer
@@ -23,6 +24,7 @@ class Session:
         "linger",
         "ended",
         "nonces",
+        "unacked",
         "__weakref__",
     )
 
@@ -49,6 +51,9 @@ class Session:
         self.ended = False
         # RESUME nonces already used with this session
         self.nonces: set[bytes] = set()
+        # MSG_Ns sent on the current connection and not acked yet:
+        # (seq, frame, sent at), oldest first; None when there are none
+        self.unacked: deque[tuple[int, bytes, float]] | None = None
 
     def __repr__(self) -> str:
         state = "ended" if self.ended else "attached" if self.connection else "lingering"

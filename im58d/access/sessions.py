@@ -113,6 +113,7 @@ class SessionManager:
     def _replaced(self, old: Session) -> None:
         """A newer login took the user's session: the old one ends quietly."""
         old.ended = True
+        old.unacked = None
         self._stop_linger(old)
         connection, old.connection = old.connection, None
         if connection is not None:
@@ -123,6 +124,9 @@ class SessionManager:
         if session.ended or session.connection is not connection:
             return
         session.connection = None
+        # what was not acked is in the inbox: the client pulls it after
+        # its next WELCOME or RESUMED
+        session.unacked = None
         self._start_linger(session)
 
     def _start_linger(self, session: Session) -> None:
@@ -164,3 +168,4 @@ class SessionManager:
         self._stop_linger(session)
         self.router.detach(session)
         session.connection = None
+        session.unacked = None

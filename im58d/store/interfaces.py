@@ -67,3 +67,19 @@ class IStore(Interface):
     # inbox
     def inbox_max(uid: int) -> Deferred[int]:
         """The highest seq given out in the user's inbox (0 for none)."""
+
+    def deliver(
+        messages: list[tuple[int, int, int, str | bytes, int]],
+        acks: list[tuple[int, int]],
+        now: int,
+        friends_only: bool,
+    ) -> Deferred[tuple[list[tuple[Any, ...]], list[Any]]]:
+        """Store a batch of messages ``(sender, cmid, to, body, kind)`` and
+        record a batch of acks ``(uid, seq)``, in one transaction: see
+        ``im58d.store.inbox.deliver_txn`` for the results."""
+
+    def inbox(uid: int, after: int, limit: int) -> Deferred[tuple[list[Any], int]]:
+        """Inbox entries after a seq, oldest first, and the inbox head."""
+
+    def status(uid: int, msg_ids: list[int]) -> Deferred[list[int]]:
+        """The user's sent messages among ``msg_ids`` that were delivered."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -116,6 +117,82 @@ def _finish(body: bytes, request: Request) -> None:
     if body:
         request.write(body)
     request.finish()
+
+
+MAX_BODY = 64 * 1024
+
+
+def b64(data: bytes) -> str:
+    """base64url without padding, as the contract writes binary fields."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def json_body(request: Request, max_bytes: int = MAX_BODY) -> dict[str, Any]:
+    """The request's JSON object; 413 when too large, 400 when not an object."""
+    content = request.content
+    data = content.read(max_bytes + 1) if content is not None else b""
+    if len(data) > max_bytes:
+        raise HTTPError(413, "too_large", f"request body over {max_bytes} bytes")
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise HTTPError(400, "bad_request", "the body is not JSON") from None
+    if not isinstance(value, dict):
+        raise HTTPError(400, "bad_request", "the body must be a JSON object")
+    return value
+
+
+def field(body: dict[str, Any], name: str, kind: type, required: bool = True) -> Any:
+    """``body[name]`` checked to be a ``kind``; 400 naming the field otherwise."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise HTTPError(400, "bad_request", f"field {name!r} is missing")
+        return None
+    if kind is int:
+        ok = type(value) is int and 0 <= value < 1 << 63
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise HTTPError(400, "bad_request", f"field {name!r} must be {_KINDS[kind]}")
+    return value
+
+
+_KINDS = {str: "a string", int: "a whole number", list: "a list", dict: "an object",
+          bool: "true or false"}
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """An integer query argument in ``low..high``; 400 naming it otherwise."""
+    values = (request.args or {}).get(name.encode("ascii"))
+    if not values:
+        return default
+    try:
+        value = int(values[0])
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise HTTPError(400, "bad_request", f"{name} must be a whole number in {low}..{high}")
+    return value
+
+
+class AuthResource(JSONResource):
+    """A resource for a logged-in user: ``Authorization: Bearer <token>``."""
+
+    def __init__(self, router: Any) -> None:
+        super().__init__()
+        self.router = router
+
+    def session(self, request: Request) -> Any:
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        session = None
+        if scheme.lower() == "bearer" and token.strip():
+            session = self.router.session_by_token(token.strip())
+        if session is None:
+            request.setHeader(b"www-authenticate", b"Bearer")
+            raise HTTPError(401, "unauthorized", "log in first (Authorization: Bearer TOKEN)")
+        return session
 
 
 class NotFound(JSONResource):

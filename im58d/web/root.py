@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.web.server import Request, Site
 
 from ..routing.iplist import IPList
+from ..store.interfaces import IStore
+from .inbox import InboxResource, StatusResource
 from .resource import Directory, JSONResource, not_modified, respond
+from .session import LoginResource
 
 
 class IPListResource(JSONResource):
@@ -21,15 +26,19 @@ class IPListResource(JSONResource):
         return respond(request, self.iplist.as_json())
 
 
-def make_root(iplist: IPList) -> Directory:
+def make_root(iplist: IPList, sessions: Any, store: IStore) -> Directory:
     root = Directory()
     v1 = Directory()
     root.putChild(b"v1", v1)
+    router = sessions.router
     v1.putChild(b"iplist", IPListResource(iplist))
+    v1.putChild(b"login", LoginResource(sessions, iplist))
+    v1.putChild(b"inbox", InboxResource(router, store))
+    v1.putChild(b"status", StatusResource(router, store))
     return root
 
 
-def make_site(iplist: IPList) -> Site:
-    site = Site(make_root(iplist))
+def make_site(iplist: IPList, sessions: Any, store: IStore) -> Site:
+    site = Site(make_root(iplist, sessions, store))
     site.displayTracebacks = False
     return site

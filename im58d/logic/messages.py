@@ -1,0 +1,225 @@
+"""The message path: MSG_R → commit → MSG_A, MSG_N → ACK_R → ACK_A, ACK_N.
+
+Everything that arrives in one reactor turn (messages and acks from every
+connection) goes to the store as one batch, committed in one transaction;
+only when it is committed do MSG_A, MSG_N, ACK_A and ACK_N go out.  The
+Messenger keeps, per session, the MSG_Ns sent on the live connection and not
+yet acked, and sends them again when the ack is late.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..routing.interfaces import IRouter
+from ..store.inbox import DUPLICATE, KIND_GROUP, KIND_USER, STORED
+from ..store.interfaces import IStore
+from ..wire import frame
+from ..wire import packets as P
+
+log = Logger()
+
+
+def body_size(body: str | bytes, limit: int) -> int:
+    """The body's size in bytes, exact where it matters (near ``limit``)."""
+    n = len(body)
+    if type(body) is str and n <= limit < 4 * n:
+        return len(body.encode("utf-8"))
+    return n
+
+
+class Messenger:
+    """The logic layer's message flow, shared by every connection."""
+
+    def __init__(
+        self,
+        store: IStore,
+        router: IRouter,
+        clock: IReactorTime,
+        max_body: int = 4096,
+        friends_only: bool = False,
+        retransmit: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.clock = clock
+        self.max_body = max_body
+        self.friends_only = friends_only
+        self.retransmit = retransmit
+        # this turn's batch: (session, cmid, to, body, kind) and session -> seq
+        self._messages: list[tuple[Any, int, int, str | bytes, int]] = []
+        self._acks: dict[Any, int] = {}
+        self._scheduled = False
+        self._in_flight = 0
+        self._drained: list[Deferred[None]] = []
+        # sessions with MSG_Ns waiting for ACK_R
+        self._awaiting: set[Any] = set()
+        # counters (metrics)
+        self.received = 0
+        self.stored = 0
+        self.duplicates = 0
+        self.pushed = 0
+        self.retransmitted = 0
+        self.acks = 0
+
+    # packets from the access layer (handler(connection, packet))
+
+    def on_msg_r(self, connection: Any, packet: P.MsgR) -> None:
+        self.received += 1
+        body = packet.body
+        if len(body) > self.max_body >> 2 and body_size(body, self.max_body) > self.max_body:
+            connection.error(413, f"body over {self.max_body} bytes", packet.cmid)
+            return
+        kind = packet.kind or KIND_USER
+        if kind > KIND_GROUP:
+            connection.error(501, f"message kind {kind} is not supported", packet.cmid)
+            return
+        self._messages.append((connection.session, packet.cmid, packet.to, body, kind))
+        if not self._scheduled:
+            self._schedule()
+
+    def on_ack_r(self, connection: Any, packet: P.AckR) -> None:
+        self.acks += 1
+        session = connection.session
+        seq = packet.seq
+        unacked = session.unacked
+        if unacked:
+            while unacked and unacked[0][0] <= seq:
+                unacked.popleft()
+        if seq > self._acks.get(session, -1):
+            self._acks[session] = seq
+        if not self._scheduled:
+            self._schedule()
+
+    # the batch
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Hand this turn's messages and acks to the store as one batch."""
+        self._scheduled = False
+        messages, self._messages = self._messages, []
+        acks, self._acks = self._acks, {}
+        if not messages and not acks:
+            return
+        now = int(self.clock.seconds())
+        self._in_flight += 1
+        d = self.store.deliver(
+            [(s.uid, cmid, to, body, kind) for s, cmid, to, body, kind in messages],
+            [(s.uid, seq) for s, seq in acks.items()],
+            now,
+            self.friends_only,
+        )
+        d.addCallbacks(
+            self._committed, self._failed, callbackArgs=(messages, acks), errbackArgs=(messages,)
+        )
+        d.addBoth(self._landed)
+
+    def _committed(
+        self,
+        outcome: tuple[list[tuple[Any, ...]], list[Any]],
+        messages: list[tuple[Any, int, int, str | bytes, int]],
+        acks: dict[Any, int],
+    ) -> None:
+        results, ack_results = outcome
+        now = self.clock.seconds()
+        session_for = self.router.session_for
+        for (session, cmid, to, body, kind), result in zip(messages, results, strict=True):
+            status = result[0]
+            connection = session.connection
+            if status == STORED:
+                self.stored += 1
+                _, msg_id, ts, deliveries = result
+                if connection is not None:
+                    connection.send(frame(P.MSG_A, (cmid, msg_id, ts)))
+                if kind == KIND_USER:
+                    receiver, seq = deliveries[0]
+                    target = session_for(receiver)
+                    if target is not None and target.connection is not None:
+                        self._push(
+                            target, seq, frame(P.MSG_N, (seq, msg_id, session.uid, body, ts)), now
+                        )
+                else:
+                    for receiver, seq in deliveries:
+                        target = session_for(receiver)
+                        if target is not None and target.connection is not None:
+                            msg_n = frame(P.MSG_N, (seq, msg_id, session.uid, body, ts, to))
+                            self._push(target, seq, msg_n, now)
+            elif status == DUPLICATE:
+                self.duplicates += 1
+                if connection is not None:
+                    connection.send(frame(P.MSG_A, (cmid, result[1], result[2])))
+            elif connection is not None:
+                connection.error(result[1], result[2], cmid)
+        for (session, _), (_, cursor, newly) in zip(acks.items(), ack_results, strict=True):
+            if session.connection is not None:
+                session.connection.send(frame(P.ACK_A, (cursor,)))
+            for sender, cmid, msg_id in newly:
+                target = session_for(sender)
+                if target is not None and target.connection is not None:
+                    target.connection.send(frame(P.ACK_N, (cmid, msg_id)))
+
+    def _failed(self, failure: Failure, messages: list[Any]) -> None:
+        # Nothing of the batch is stored; the senders retransmit (no MSG_A
+        # came), the receivers ack again.
+        log.failure("storing a batch of {n} messages failed", failure, n=len(messages))
+        for session, cmid, _, _, _ in messages:
+            if session.connection is not None:
+                session.connection.error(503, "not stored, send again", cmid)
+
+    def _landed(self, _: object) -> None:
+        self._in_flight -= 1
+        if not self._in_flight and not self._scheduled and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def _push(self, session: Any, seq: int, msg_n: bytes, now: float) -> None:
+        session.connection.send(msg_n)
+        self.pushed += 1
+        unacked = session.unacked
+        if unacked is None:
+            unacked = session.unacked = deque()
+        if not unacked:
+            self._awaiting.add(session)
+        unacked.append((seq, msg_n, now))
+
+    # timers
+
+    def resend_late(self) -> None:
+        """Send again every MSG_N whose ACK_R is later than ``retransmit`` s."""
+        now = self.clock.seconds()
+        due = now - self.retransmit
+        for session in list(self._awaiting):
+            unacked = session.unacked
+            connection = session.connection
+            if not unacked or connection is None:
+                self._awaiting.discard(session)
+                continue
+            if unacked[0][2] > due:
+                continue
+            for i in range(len(unacked)):
+                seq, msg_n, sent = unacked[i]
+                if sent > due:
+                    break
+                connection.send(msg_n)
+                unacked[i] = (seq, msg_n, now)
+                self.retransmitted += 1
+
+    def drain(self) -> Deferred[None]:
+        """Commit what is queued; fires when no batch is in flight (shutdown)."""
+        if self._messages or self._acks:
+            self.flush()
+        if not self._in_flight:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d

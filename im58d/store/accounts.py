@@ -1,0 +1,125 @@
+"""Accounts and their lists: users, friends, groups (functions for the database thread)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import sqlite_utils
+
+from .interfaces import Conflict, NotFound, StoreError
+
+# -- accounts ---------------------------------------------------------------
+
+
+def add_user_txn(db: sqlite_utils.Database, name: str, password_hash: str, now: int) -> int:
+    try:
+        cur = db.execute(
+            "INSERT INTO users (name, password, nick, created) VALUES (?, ?, ?, ?)",
+            (name, password_hash, name, now),
+        )
+    except sqlite3.IntegrityError:
+        raise Conflict(f"user {name!r} exists") from None
+    uid = int(cur.lastrowid or 0)
+    db.execute("INSERT INTO inboxes (uid) VALUES (?)", (uid,))
+    db.execute("INSERT INTO list_versions (uid) VALUES (?)", (uid,))
+    return uid
+
+
+def uid_for_name_txn(db: sqlite_utils.Database, name: str) -> int | None:
+    row = db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _require_uid(db: sqlite_utils.Database, name: str) -> int:
+    uid = uid_for_name_txn(db, name)
+    if uid is None:
+        raise NotFound(f"no such user {name!r}")
+    return uid
+
+
+def set_password_txn(db: sqlite_utils.Database, name: str, password_hash: str) -> int:
+    uid = _require_uid(db, name)
+    db.execute("UPDATE users SET password = ? WHERE id = ?", (password_hash, uid))
+    return uid
+
+
+def set_disabled_txn(db: sqlite_utils.Database, name: str, disabled: bool) -> int:
+    uid = _require_uid(db, name)
+    db.execute("UPDATE users SET disabled = ? WHERE id = ?", (int(disabled), uid))
+    return uid
+
+
+def list_users_txn(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    return [
+        {"id": row["id"], "name": row["name"], "disabled": bool(row["disabled"])}
+        for row in db.query("SELECT id, name, disabled FROM users ORDER BY id")
+    ]
+
+
+def login_record_txn(db: sqlite_utils.Database, name: str) -> tuple[int, str, bool] | None:
+    row = db.execute(
+        "SELECT id, password, disabled FROM users WHERE name = ?", (name,)
+    ).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]), bool(row[2]))
+
+
+def disabled_users_txn(db: sqlite_utils.Database) -> list[int]:
+    return [int(row[0]) for row in db.execute("SELECT id FROM users WHERE disabled = 1")]
+
+
+def _require_users(db: sqlite_utils.Database, uids: list[int]) -> None:
+    for uid in uids:
+        if db.execute("SELECT 1 FROM users WHERE id = ?", (uid,)).fetchone() is None:
+            raise NotFound(f"no such user {uid}")
+
+
+def _bump_list(db: sqlite_utils.Database, uid: int, column: str) -> int:
+    return int(
+        db.execute(
+            f"UPDATE list_versions SET {column} = {column} + 1 WHERE uid = ? "
+            f"RETURNING {column}",
+            (uid,),
+        ).fetchone()[0]
+    )
+
+
+# -- lists ------------------------------------------------------------------
+
+
+def make_friends_txn(db: sqlite_utils.Database, uid1: int, uid2: int, now: int) -> None:
+    if uid1 == uid2:
+        raise StoreError("a user cannot befriend themselves")
+    _require_users(db, [uid1, uid2])
+    try:
+        db.conn.executemany(
+            "INSERT INTO friends (uid, friend, since) VALUES (?, ?, ?)",
+            [(uid1, uid2, now), (uid2, uid1, now)],
+        )
+    except sqlite3.IntegrityError:
+        raise Conflict(f"users {uid1} and {uid2} are friends already") from None
+    db.execute(
+        "DELETE FROM friend_requests WHERE (sender = ? AND receiver = ?) "
+        "OR (sender = ? AND receiver = ?)",
+        (uid1, uid2, uid2, uid1),
+    )
+    _bump_list(db, uid1, "friend_list")
+    _bump_list(db, uid2, "friend_list")
+
+
+def create_group_txn(
+    db: sqlite_utils.Database, name: str, owner: int, members: list[int], now: int
+) -> int:
+    everyone = [owner] + [uid for uid in dict.fromkeys(members) if uid != owner]
+    _require_users(db, everyone)
+    cur = db.execute(
+        "INSERT INTO groups (name, owner, created) VALUES (?, ?, ?)", (name, owner, now)
+    )
+    gid = int(cur.lastrowid or 0)
+    db.conn.executemany(
+        "INSERT INTO group_members (gid, uid, joined) VALUES (?, ?, ?)",
+        [(gid, uid, now) for uid in everyone],
+    )
+    for uid in everyone:
+        _bump_list(db, uid, "group_list")
+    return gid
