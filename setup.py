@@ -30,11 +30,11 @@ setup(
         "txredisapi>=1.4.10",
         "sqlite-utils>=3.36",
         "msgpack>=1.0",
+        "treq>=24.9",
     ],
     extras_require={
         "test": [
             "hypothesis>=6.100",
-            "treq>=24.9",
             "mypy>=1.11",
             "mypy-zope>=1.0.5",
             "ruff>=0.6",
@@ -43,6 +43,7 @@ setup(
     entry_points={
         "console_scripts": [
             "im58d-admin = im58d.admin:main",
+            "im58d-client = im58d.client.cli:main",
         ],
     },
     classifiers=[

@@ -1,0 +1,459 @@
+"""The reference client: what a good mobile app does with an im58d server.
+
+- logs in over the long connection and reconnects by itself, with backoff;
+- keeps an ack-wait queue: every MSG_R is sent again until its MSG_A comes,
+  also after a reconnect; cmids are never reused (``ClientState``);
+- shows each received message once and in seq order, acks cumulatively,
+  and pulls the inbox gap over HTTP after WELCOME and whenever a seq is
+  missing;
+- tells the app, per sent message, "sent", "stored" (MSG_A) and "delivered"
+  (ACK_N, or ``POST /v1/status``).
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent
+
+from ..wire import Decoder, WireError, encode
+from ..wire import packets as P
+from .state import ClientState
+
+log = Logger()
+
+SENT = "sent"
+STORED = "stored"
+DELIVERED = "delivered"
+FAILED = "failed"
+
+# ERRORs with ref that mean "this message will never be stored"
+FINAL_REFUSALS = frozenset((403, 404, 413, 501))
+
+
+class Message(NamedTuple):
+    """A received message, as the app shows it."""
+
+    seq: int
+    msg_id: int
+    sender: int
+    body: str | bytes
+    ts: int
+    group: int | None = None
+
+
+class Outgoing:
+    """A sent message and what is known of it."""
+
+    def __init__(self, cmid: int, to: int, body: str | bytes, kind: int) -> None:
+        self.cmid = cmid
+        self.to = to
+        self.body = body
+        self.kind = kind
+        self.msg_id: int | None = None
+        self.ts: int | None = None
+        self.state = SENT
+        self.error: tuple[int, str] | None = None
+        self.sent_at: float | None = None  # last MSG_R on the wire
+        self.transmissions = 0
+
+    def __repr__(self) -> str:
+        return f"<Outgoing cmid={self.cmid} to={self.to} {self.state} msg_id={self.msg_id}>"
+
+
+class LoginFailed(Exception):
+    """The server refused the credentials (ERROR 401/403/429) or kicked us out."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code} {message}")
+        self.code = code
+
+
+class _Wire(Protocol):
+    """The connection: frames to packets, packets to the Client."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.decoder = Decoder()
+
+    def connectionMade(self) -> None:
+        self.client._connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.last_received = self.client.clock.seconds()
+        try:
+            for packet in self.decoder.feed(data):
+                self.client._dispatch(self, packet)
+        except WireError as e:
+            log.warn("bad frame from the server: {e}", e=e)
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.client._disconnected(self)
+
+    def send(self, *packets: Any) -> None:
+        self.transport.write(b"".join(encode(p) for p in packets))  # type: ignore[union-attr]
+        self.client.last_sent = self.client.clock.seconds()
+
+
+class Client:
+    """One account's connection to an im58d server."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        http_url: str,
+        user: str,
+        password: str,
+        device: str = "im58d-client",
+        state: ClientState | None = None,
+        on_message: Callable[[Message], None] | None = None,
+        on_status: Callable[[Outgoing], None] | None = None,
+        resend_after: float = 5.0,
+        min_backoff: float = 0.25,
+        max_backoff: float = 30.0,
+        http: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = reactor
+        self.host = host
+        self.port = port
+        self.http_url = http_url.rstrip("/")
+        self.user = user
+        self.password = password
+        self.device = device
+        self.state = state or ClientState()
+        self.on_message = on_message or (lambda message: None)
+        self.on_status = on_status or (lambda outgoing: None)
+        self.resend_after = resend_after
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.http = http or HTTPClient(Agent(reactor))
+        # session
+        self.uid: int | None = None
+        self.token: str | None = None
+        self.heartbeat_s = 240
+        self._wire: _Wire | None = None
+        self._logged_in = False
+        self._stopping = False
+        self._backoff = min_backoff
+        self._retry: Any = None
+        self._tick: Any = None
+        self._started: Deferred[None] | None = None
+        self.last_sent = 0.0
+        self.last_received = 0.0
+        # sending: the ack-wait queue (cmid -> Outgoing, until MSG_A) and the
+        # stored messages waiting to be delivered (msg_id -> Outgoing)
+        self.waiting: dict[int, Outgoing] = {}
+        self.undelivered: dict[int, Outgoing] = {}
+        for cmid, (to, body, kind) in self.state.unsent.items():
+            self.waiting[cmid] = Outgoing(cmid, to, body, kind)
+        # receiving: entries above a gap, shown once the gap is filled
+        self._ahead: dict[int, Message] = {}
+        self._inbox_max = 0
+        self._pulling = False
+        self._ack_due = False
+        self._lost_waiter: Deferred[None] | None = None
+        # counters
+        self.retransmits = 0
+        self.duplicates = 0
+        self.logins = 0
+
+    # the app's side
+
+    def start(self) -> Deferred[None]:
+        """Connect and log in; fires at the first WELCOME, fails on bad
+        credentials.  From then on the client reconnects by itself."""
+        self._started = Deferred()
+        self._stopping = False
+        self._tick = self.clock.callLater(1.0, self._every_second)
+        self._connect()
+        return self._started
+
+    def send(self, to: int, body: str | bytes, kind: int = P.KIND_USER) -> Outgoing:
+        """Send a message; it is queued until the server has stored it."""
+        cmid = self.state.take_cmid()
+        self.state.unsent[cmid] = (to, body, kind)
+        self.state.save()
+        outgoing = Outgoing(cmid, to, body, kind)
+        self.waiting[cmid] = outgoing
+        if self._logged_in:
+            self._transmit(outgoing)
+        return outgoing
+
+    @inlineCallbacks
+    def refresh_status(self) -> Any:
+        """Ask the server which stored messages were delivered (when ACK_Ns were
+        missed); returns the newly delivered ones."""
+        ids = list(self.undelivered)
+        if not ids or self.token is None:
+            return []
+        answer = yield self._post("/v1/status", {"msg_ids": ids})
+        delivered = []
+        for msg_id in answer["delivered"]:
+            outgoing = self.undelivered.pop(msg_id, None)
+            if outgoing is not None:
+                self._set(outgoing, DELIVERED)
+                delivered.append(outgoing)
+        return delivered
+
+    def stop(self) -> Deferred[None]:
+        """Say BYE and stop reconnecting."""
+        self._stopping = True
+        for call in (self._retry, self._tick):
+            if call is not None and call.active():
+                call.cancel()
+        wire = self._wire
+        if wire is None:
+            return succeed(None)
+        lost: Deferred[None] = Deferred()
+        self._lost_waiter = lost
+        if self._logged_in:
+            wire.send(P.Bye())
+        wire.transport.loseConnection()  # type: ignore[union-attr]
+        return lost
+
+    @property
+    def connected(self) -> bool:
+        return self._logged_in
+
+    # connection
+
+    def _connect(self) -> None:
+        self._retry = None
+        endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=10)
+        d = connectProtocol(endpoint, _Wire(self))
+        d.addErrback(self._connect_failed)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        log.info("cannot connect to {host}:{port}: {e}", host=self.host, port=self.port,
+                 e=failure.getErrorMessage())
+        self._reconnect_later()
+
+    def _reconnect_later(self) -> None:
+        if self._stopping:
+            return
+        delay = self._backoff * (0.5 + random.random())
+        self._backoff = min(self._backoff * 2, self.max_backoff)
+        self._retry = self.clock.callLater(delay, self._connect)
+
+    def _connected(self, wire: _Wire) -> None:
+        self._wire = wire
+        self.last_received = self.clock.seconds()
+        wire.send(P.Login(self.user, self.password, self.device))
+
+    def _disconnected(self, wire: _Wire) -> None:
+        if wire is not self._wire:
+            return
+        self._wire = None
+        self._logged_in = False
+        waiter = self._lost_waiter
+        if waiter is not None:
+            self._lost_waiter = None
+            waiter.callback(None)
+        self._reconnect_later()
+
+    def _dispatch(self, wire: _Wire, packet: Any) -> None:
+        handler = self._handlers.get(type(packet))
+        if handler is not None:
+            handler(self, packet)
+
+    def _on_welcome(self, welcome: P.Welcome) -> None:
+        self.uid = welcome.uid
+        self.token = welcome.token
+        self.heartbeat_s = welcome.heartbeat_s
+        self._inbox_max = welcome.inbox_max
+        self._logged_in = True
+        self._backoff = self.min_backoff
+        self.logins += 1
+        for outgoing in list(self.waiting.values()):
+            self._transmit(outgoing)
+        if self._inbox_max > self.state.last_seq:
+            self._pull()
+        started, self._started = self._started, None
+        if started is not None:
+            started.callback(None)
+
+    def _on_error(self, error: P.Error) -> None:
+        outgoing = self.waiting.get(error.ref) if error.ref is not None else None
+        if outgoing is not None:
+            if error.code in FINAL_REFUSALS:
+                del self.waiting[outgoing.cmid]
+                self.state.unsent.pop(outgoing.cmid, None)
+                self.state.save()
+                outgoing.error = (error.code, error.message)
+                self._set(outgoing, FAILED)
+            return  # 503 and the like: it is sent again
+        if not self._logged_in and error.code in (401, 403, 429):
+            self._fatal(LoginFailed(error.code, error.message))
+        else:
+            log.warn("server error {code}: {message}", code=error.code, message=error.message)
+
+    def _on_kicked(self, kicked: P.Kicked) -> None:
+        if kicked.reason in (P.KICKED_REPLACED, P.KICKED_DISABLED):
+            self._fatal(LoginFailed(kicked.reason, "kicked"))
+
+    def _fatal(self, error: LoginFailed) -> None:
+        """Credentials refused or account taken over: stop for good."""
+        self._stopping = True
+        if self._tick is not None and self._tick.active():
+            self._tick.cancel()
+        started, self._started = self._started, None
+        if started is not None:
+            started.errback(error)
+        else:
+            log.warn("stopped: {error}", error=error)
+
+    # sending
+
+    def _transmit(self, outgoing: Outgoing) -> None:
+        kind = outgoing.kind or None
+        assert self._wire is not None
+        self._wire.send(P.MsgR(outgoing.cmid, outgoing.to, outgoing.body, kind))
+        if outgoing.transmissions:
+            self.retransmits += 1
+        outgoing.transmissions += 1
+        outgoing.sent_at = self.clock.seconds()
+
+    def _on_msg_a(self, msg_a: P.MsgA) -> None:
+        outgoing = self.waiting.pop(msg_a.cmid, None)
+        if outgoing is None:
+            return  # the answer to a retransmit already answered
+        self.state.unsent.pop(msg_a.cmid, None)
+        self.state.save()
+        outgoing.msg_id = msg_a.msg_id
+        outgoing.ts = msg_a.ts
+        if outgoing.kind == P.KIND_USER:
+            self.undelivered[msg_a.msg_id] = outgoing
+        self._set(outgoing, STORED)
+
+    def _on_ack_n(self, ack_n: P.AckN) -> None:
+        outgoing = self.undelivered.pop(ack_n.msg_id, None)
+        if outgoing is not None:
+            self._set(outgoing, DELIVERED)
+
+    def _set(self, outgoing: Outgoing, state: str) -> None:
+        outgoing.state = state
+        self.on_status(outgoing)
+
+    # receiving
+
+    def _on_msg_n(self, msg_n: P.MsgN) -> None:
+        self._receive(Message(*msg_n))
+        if self._ahead and not self._pulling:
+            self._pull()  # a seq is missing
+
+    def _receive(self, message: Message) -> None:
+        seq = message.seq
+        last = self.state.last_seq
+        if seq <= last or seq in self._ahead:
+            self.duplicates += 1  # shown already: ack again, show nothing
+        elif seq == last + 1:
+            self._show(message)
+            ahead = self._ahead
+            while ahead and self.state.last_seq + 1 in ahead:
+                self._show(ahead.pop(self.state.last_seq + 1))
+        else:
+            self._ahead[seq] = message
+        self._ack_soon()
+
+    def _show(self, message: Message) -> None:
+        self.state.last_seq = message.seq
+        self.on_message(message)
+
+    def _ack_soon(self) -> None:
+        if not self._ack_due:
+            self._ack_due = True
+            self.clock.callLater(0, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_due = False
+        self.state.save()
+        if self._wire is not None and self._logged_in and self.state.last_seq:
+            self._wire.send(P.AckR(self.state.last_seq))
+
+    @inlineCallbacks
+    def _pull(self) -> Any:
+        """Fetch the inbox over HTTP from the last shown seq up to the head."""
+        if self._pulling or self.token is None:
+            return
+        self._pulling = True
+        try:
+            while True:
+                after = self.state.last_seq
+                page = yield self._get(f"/v1/inbox?after={after}&limit=500")
+                self._inbox_max = max(self._inbox_max, page["max"])
+                for entry in page["messages"]:
+                    body = entry["body"]
+                    if isinstance(body, dict):
+                        body = _unb64(body["b64"])
+                    self._receive(Message(entry["seq"], entry["msg_id"], entry["from"], body,
+                                          entry["ts"], entry.get("group")))
+                if not page["messages"] or self.state.last_seq >= page["max"]:
+                    break
+        except Exception:
+            log.failure("pulling the inbox failed")
+        finally:
+            self._pulling = False
+
+    # HTTP
+
+    def _headers(self) -> dict[bytes | str, bytes | str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @inlineCallbacks
+    def _get(self, path: str) -> Any:
+        response = yield self.http.get(self.http_url + path, headers=self._headers())
+        return (yield self._json(response))
+
+    @inlineCallbacks
+    def _post(self, path: str, body: Any) -> Any:
+        response = yield self.http.post(self.http_url + path, json=body, headers=self._headers())
+        return (yield self._json(response))
+
+    @inlineCallbacks
+    def _json(self, response: Any) -> Any:
+        data = yield response.json()
+        if response.code != 200:
+            raise RuntimeError(f"HTTP {response.code}: {data}")
+        return data
+
+    # timers
+
+    def _every_second(self) -> None:
+        self._tick = self.clock.callLater(1.0, self._every_second)
+        now = self.clock.seconds()
+        wire = self._wire
+        if wire is None or not self._logged_in:
+            return
+        for outgoing in list(self.waiting.values()):
+            if outgoing.sent_at is None or now - outgoing.sent_at >= self.resend_after:
+                self._transmit(outgoing)
+        if now - self.last_sent >= self.heartbeat_s:
+            wire.send(P.Ping())
+        if now - self.last_received > 2 * self.heartbeat_s + 30:
+            wire.transport.abortConnection()  # type: ignore[union-attr]
+
+    _handlers: dict[type, Callable[[Client, Any], None]] = {
+        P.Welcome: _on_welcome,
+        P.Error: _on_error,
+        P.Kicked: _on_kicked,
+        P.MsgA: _on_msg_a,
+        P.AckN: _on_ack_n,
+        P.MsgN: _on_msg_n,
+    }
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
