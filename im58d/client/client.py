@@ -281,6 +281,9 @@ class Client:
             self._transmit(outgoing)
         if self._inbox_max > self.state.last_seq:
             self._pull()
+        elif self.state.last_seq:
+            # an ACK_R may have been lost with the last connection
+            self._ack_soon()
         started, self._started = self._started, None
         if started is not None:
             started.callback(None)
@@ -340,8 +343,15 @@ class Client:
 
     def _on_ack_n(self, ack_n: P.AckN) -> None:
         outgoing = self.undelivered.pop(ack_n.msg_id, None)
-        if outgoing is not None:
-            self._set(outgoing, DELIVERED)
+        if outgoing is None:
+            # its MSG_A was lost: the ACK_N says it was stored, too
+            outgoing = self.waiting.pop(ack_n.cmid, None)
+            if outgoing is None:
+                return
+            self.state.unsent.pop(ack_n.cmid, None)
+            self.state.save()
+            outgoing.msg_id = ack_n.msg_id
+        self._set(outgoing, DELIVERED)
 
     def _set(self, outgoing: Outgoing, state: str) -> None:
         outgoing.state = state

@@ -38,7 +38,7 @@ class FileState(ClientState):
     """``ClientState`` in a JSON file, rewritten atomically on ``save``."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(next_cmid=1)
+        super().__init__()
         self.path = path
         try:
             with open(path, encoding="utf-8") as f:
