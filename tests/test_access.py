@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from im58d.wire import packets as P
 from im58d.wire import varint
 
-from .support import Harness, add_user
+from .support import Harness, add_user, immediate_verify
 
 
 def db_dump(harness: Harness) -> list[str]:
@@ -98,6 +98,31 @@ class LoginTests(SynchronousTestCase):
             client.send(P.Login("alice", "guess", "phone"))
         self.assertEqual(len(pending), 5)
         self.assertEqual([c.received()[0].code for c in clients[5:]], [429] * 3)
+
+    def test_many_users_behind_one_address(self) -> None:
+        """Successful logins do not count against their address: 40 users
+        behind one NAT log in at the same moment."""
+        pending: list[Deferred[bool]] = []
+
+        def slow_verify(password: str, encoded: str) -> Deferred[bool]:
+            d: Deferred[bool] = Deferred()
+            pending.append(d)
+            return d
+
+        for i in range(40):
+            add_user(self.h.store, f"user{i}", "secret")
+        self.h.auth._verify = slow_verify
+        clients = [self.h.connect("192.0.2.1") for i in range(40)]
+        for i, client in enumerate(clients):
+            client.send(P.Login(f"user{i}", "secret", "phone"))
+        self.assertEqual(len(pending), 40)
+        for d in pending:
+            d.callback(True)
+        self.h.turn()
+        self.assertEqual({type(c.received()[0]) for c in clients}, {P.Welcome})
+        self.h.auth._verify = immediate_verify
+        again = self.h.connect("192.0.2.1")
+        again.login("alice", "secret")
 
     def test_flood_of_bad_logins_changes_nothing_stored(self) -> None:
         """Failed logins, garbage and refused packets leave the database as it was."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +32,14 @@ DISABLED = (403, "account disabled")
 
 
 class LoginThrottle:
-    """Failed logins per user name and per address, in a sliding window.
+    """Failed logins per user name and per address, in a sliding window,
+    plus the attempts still being checked.
 
     Names that do not exist are counted like names that do, so the answers
-    do not tell an attacker which accounts exist.
+    do not tell an attacker which accounts exist.  An attempt being checked
+    counts against its user name at once, so a burst of parallel guesses
+    cannot slip past the limit; per address only failures count (many users
+    behind one NAT log in at once), with a cap on parallel checks.
     """
 
     def __init__(
@@ -44,13 +48,17 @@ class LoginThrottle:
         per_user: int = 5,
         per_address: int = 20,
         window: float = 900.0,
+        parallel_per_address: int = 64,
     ) -> None:
         self._clock = clock
         self.per_user = per_user
         self.per_address = per_address
         self.window = window
+        self.parallel_per_address = parallel_per_address
         self._users: dict[str, deque[float]] = {}
         self._addresses: dict[str, deque[float]] = {}
+        self._checking_user: Counter[str] = Counter()
+        self._checking_address: Counter[str] = Counter()
 
     def _count(self, table: dict[str, deque[float]], key: str) -> int:
         times = table.get(key)
@@ -66,25 +74,29 @@ class LoginThrottle:
 
     def blocked(self, user: str, address: str) -> bool:
         return (
-            self._count(self._users, user) >= self.per_user
+            self._count(self._users, user) + self._checking_user[user] >= self.per_user
             or self._count(self._addresses, address) >= self.per_address
+            or self._checking_address[address] >= self.parallel_per_address
         )
 
     def attempt(self, user: str, address: str) -> None:
-        """Count an attempt as failed until ``succeeded`` says otherwise.
+        """An attempt is being checked."""
+        self._checking_user[user] += 1
+        self._checking_address[address] += 1
 
-        Counting before the (slow) check means a burst of parallel attempts
-        cannot slip past the limit while the first ones are being verified.
-        """
-        now = self._clock.seconds()
-        self._users.setdefault(user, deque()).append(now)
-        self._addresses.setdefault(address, deque()).append(now)
-
-    def succeeded(self, user: str, address: str) -> None:
-        self._users.pop(user, None)
-        times = self._addresses.get(address)
-        if times:
-            times.pop()
+    def finished(self, user: str, address: str, ok: bool) -> None:
+        """The attempt was checked: a success clears the user's failures, a
+        failure counts for the user and the address."""
+        for table, key in ((self._checking_user, user), (self._checking_address, address)):
+            table[key] -= 1
+            if table[key] <= 0:
+                del table[key]
+        if ok:
+            self._users.pop(user, None)
+        else:
+            now = self._clock.seconds()
+            self._users.setdefault(user, deque()).append(now)
+            self._addresses.setdefault(address, deque()).append(now)
 
     def prune(self) -> None:
         """Forget every entry older than the window (housekeeping)."""
@@ -136,14 +148,18 @@ class Authenticator:
 
     @inlineCallbacks
     def _authenticate(self, user: str, password: str, address: str) -> Any:
-        record = None
-        if 0 < len(user) <= MAX_NAME_CHARS:
-            record = yield self._store.login_record(user)
-        encoded = DUMMY_HASH if record is None else record[1]
-        ok = yield self._verify(password, encoded)
-        if record is None or not ok:
+        ok = False
+        try:
+            record = None
+            if 0 < len(user) <= MAX_NAME_CHARS:
+                record = yield self._store.login_record(user)
+            encoded = DUMMY_HASH if record is None else record[1]
+            ok = (yield self._verify(password, encoded)) and record is not None
+        finally:
+            self.throttle.finished(user, address, ok)
+        if not ok:
             raise LoginRefused(*BAD_CREDENTIALS)
-        self.throttle.succeeded(user, address)
+        assert record is not None
         uid, _, disabled = record
         if disabled:
             raise LoginRefused(*DISABLED)
