@@ -44,6 +44,7 @@ setup(
         "console_scripts": [
             "im58d-admin = im58d.admin:main",
             "im58d-client = im58d.client.cli:main",
+            "im58d-bench = im58d.bench:main",
         ],
     },
     classifiers=[

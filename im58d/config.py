@@ -42,6 +42,7 @@ class Config:
     max_body: int = 4096
     friends_only: bool = False
     retransmit: int = 10
+    batch_window: int = 10
     # [admin]
     admin_token: str = ""
     # [routing]
@@ -135,6 +136,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "max_body": ("max_body", _int(1, 1024 * 1024)),
         "friends_only": ("friends_only", _bool),
         "retransmit": ("retransmit", _int(1, 3600)),
+        "batch_window": ("batch_window", _int(0, 1000)),
     },
     "admin": {
         "token": ("admin_token", _text),

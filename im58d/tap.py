@@ -206,7 +206,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     factory = AccessFactory(sessions, reactor, config.max_frame, config.login_timeout)
     messenger = Messenger(
-        store, router, reactor, config.max_body, config.friends_only, config.retransmit
+        store,
+        router,
+        reactor,
+        config.max_body,
+        config.friends_only,
+        config.retransmit,
+        gather=config.batch_window / 1000,
     )
     factory.handlers[P.MsgR] = messenger.on_msg_r
     factory.handlers[P.AckR] = messenger.on_ack_r

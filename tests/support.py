@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -29,15 +29,8 @@ CHEAP_N = 16
 NOW = 1_800_000_000
 
 
-class ImmediateReactor(MemoryReactorClock):
-    """A clock reactor whose callFromThread runs the call at once."""
-
-    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
-
-
-class ImmediatePool:
-    """A ThreadPool stand-in that runs each job at once, in the caller's thread."""
+class ImmediateThread:
+    """A DatabaseThread stand-in that does each job at once, in the caller's thread."""
 
     def start(self) -> None:
         pass
@@ -45,22 +38,20 @@ class ImmediatePool:
     def stop(self) -> None:
         pass
 
-    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+    def submit(self, fn: Any, *args: Any) -> Deferred[Any]:
         try:
-            result = f(*args, **kwargs)
+            return succeed(fn(*args))
         except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
+            return fail()
 
 
 def immediate_verify(password: str, encoded: str) -> Deferred[bool]:
     return succeed(verify_password(password, encoded))
 
 
-def memory_store(reactor: ImmediateReactor, path: str = ":memory:") -> SQLiteStore:
+def memory_store(reactor: MemoryReactorClock, path: str = ":memory:") -> SQLiteStore:
     """A started SQLiteStore whose database work runs synchronously."""
-    store = SQLiteStore(path, reactor, pool=ImmediatePool())
+    store = SQLiteStore(path, reactor, thread=ImmediateThread())
     store.start()
     return store
 
@@ -76,7 +67,7 @@ class Harness:
     """The access layer wired to an in-memory store and a clock."""
 
     def __init__(self, **settings: Any) -> None:
-        self.reactor = ImmediateReactor()
+        self.reactor = MemoryReactorClock()
         self.reactor.advance(NOW)
         self.store = memory_store(self.reactor, settings.pop("path", ":memory:"))
         self.router = LocalRouter()

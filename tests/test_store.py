@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from im58d.store.interfaces import Conflict, NotFound, StoreError
@@ -18,7 +19,7 @@ from im58d.store.sqlite import (
     schema_version,
 )
 
-from .support import ImmediateReactor, memory_store
+from .support import memory_store
 
 TABLES = {
     "users", "messages", "inboxes", "inbox", "list_versions", "categories", "friends",
@@ -71,7 +72,7 @@ class SchemaTests(SynchronousTestCase):
 
 class OperationTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = ImmediateReactor()
+        self.reactor = MemoryReactorClock()
         self.store = memory_store(self.reactor)
 
     def run_op(self, d: Any) -> Any:
@@ -149,7 +150,7 @@ class OperationTests(SynchronousTestCase):
 
 class GroupCommitTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = ImmediateReactor()
+        self.reactor = MemoryReactorClock()
         self.store = memory_store(self.reactor)
 
     def test_same_turn_one_transaction(self) -> None:

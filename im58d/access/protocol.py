@@ -11,6 +11,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -74,6 +75,7 @@ class AccessProtocol(Protocol):
         self._out: list[bytes] = []
         self._closing = False
         self._lost = False
+        self._socket: Any = None
         # packets that arrived while a LOGIN was being checked
         self._held: list[Any] | None = None
         self._dispatch: dict[type, Callable[[Any], None]] = {
@@ -89,7 +91,14 @@ class AccessProtocol(Protocol):
         self.address = getattr(peer, "host", str(peer))
         self.connected_at = self.last_seen = self.factory.clock.seconds()
         self.factory.connections.add(self)
-        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        transport: Any = self.transport
+        transport.registerProducer(self, True)
+        # small frames must leave at once, not wait for the peer's delayed ACK
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
+        # a plain TCP transport, whose socket write_out may use directly
+        if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
+            self._socket = transport.socket
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -139,10 +148,34 @@ class AccessProtocol(Protocol):
         self._out.append(frame)
 
     def write_out(self) -> None:
-        if self._out:
-            data = b"".join(self._out)
-            self._out = []
-            self.transport.write(data)  # type: ignore[union-attr]
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out = []
+        transport: Any = self.transport
+        sock = self._socket
+        if (
+            sock is not None
+            and transport._tempDataLen == 0
+            and transport.offset == len(transport.dataBuffer)
+            and transport.connected
+            and not transport.disconnecting
+        ):
+            # Nothing is queued in Twisted's buffer, so the kernel may take
+            # the bytes now; transport.write would register the socket for
+            # writing and send on the next turn, two epoll_ctl calls and an
+            # extra reactor turn per write.  What does not fit goes through
+            # transport.write as usual.
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # transport.write below meets the error and reports it
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def close(self, code: int, message: str, ref: int | None = None) -> None:
         """Answer ERROR and close once it is written."""

@@ -45,6 +45,7 @@ class Messenger:
         max_body: int = 4096,
         friends_only: bool = False,
         retransmit: float = 10.0,
+        gather: float = 0.0,
     ) -> None:
         self.store = store
         self.router = router
@@ -52,7 +53,8 @@ class Messenger:
         self.max_body = max_body
         self.friends_only = friends_only
         self.retransmit = retransmit
-        # this turn's batch: (session, cmid, to, body, kind) and session -> seq
+        self.gather = gather
+        # the next batch: (session, cmid, to, body, kind) and session -> seq
         self._messages: list[tuple[Any, int, int, str | bytes, int]] = []
         self._acks: dict[Any, int] = {}
         self._scheduled = False
@@ -82,7 +84,7 @@ class Messenger:
             return
         self._messages.append((connection.session, packet.cmid, packet.to, body, kind))
         if not self._scheduled:
-            self._schedule()
+            self._arrived()
 
     def on_ack_r(self, connection: Any, packet: P.AckR) -> None:
         self.acks += 1
@@ -95,16 +97,26 @@ class Messenger:
         if seq > self._acks.get(session, -1):
             self._acks[session] = seq
         if not self._scheduled:
-            self._schedule()
+            self._arrived()
 
     # the batch
 
-    def _schedule(self) -> None:
+    def _arrived(self) -> None:
+        """The first message or ack of the next batch is here.
+
+        One batch is in the store at a time; the next one gathers what comes
+        meanwhile and goes when it lands.  With nothing in flight the batch
+        waits ``gather`` seconds, so that at low rates a commit carries
+        several messages rather than one (each commit has a fixed cost).
+        """
         self._scheduled = True
-        self.clock.callLater(0, self.flush)
+        if not self._in_flight:
+            self.clock.callLater(self.gather, self.flush)
 
     def flush(self) -> None:
-        """Hand this turn's messages and acks to the store as one batch."""
+        """Hand what has gathered to the store as one batch."""
+        if self._in_flight:
+            return  # it goes when the batch in flight lands
         self._scheduled = False
         messages, self._messages = self._messages, []
         acks, self._acks = self._acks, {}
@@ -177,7 +189,9 @@ class Messenger:
 
     def _landed(self, _: object) -> None:
         self._in_flight -= 1
-        if not self._in_flight and not self._scheduled and self._drained:
+        if self._messages or self._acks:
+            self.flush()
+        elif self._drained:
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)

@@ -7,6 +7,7 @@ receivers' inboxes with the next seqs, and records the batch's acks.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import sqlite_utils
@@ -33,34 +34,33 @@ def inbox_max_txn(db: sqlite_utils.Database, uid: int) -> int:
     return 0 if row is None else int(row[0])
 
 
-class _Heads:
-    """The inbox heads touched by one transaction, read once, written once."""
-
-    def __init__(self, execute: Any) -> None:
-        self._execute = execute
-        self.seqs: dict[int, int] = {}
-        self.loaded: dict[int, int] = {}
-
-    def get(self, uid: int) -> int | None:
-        seq = self.seqs.get(uid)
-        if seq is None:
-            row = self._execute("SELECT max_seq FROM inboxes WHERE uid = ?", (uid,)).fetchone()
-            if row is None:
-                return None
-            seq = self.seqs[uid] = self.loaded[uid] = row[0]
-        return seq
-
-    def write(self) -> None:
-        for uid, seq in self.seqs.items():
-            if seq != self.loaded[uid]:
-                self._execute("UPDATE inboxes SET max_seq = ? WHERE uid = ?", (seq, uid))
+# Lookups go in statements with a few fixed numbers of placeholders (the
+# list padded with its first entry), so that sqlite3 reuses the prepared
+# statements: preparing a statement of a new shape costs more than running it.
+_SIZES = (1, 4, 16, 64, 256)
 
 
-_INSERT = (
-    "INSERT INTO messages (sender, cmid, kind, target, seq, body, ts) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sender, cmid) DO NOTHING"
-)
-_EARLIER = "SELECT id, ts FROM messages WHERE sender = ? AND cmid = ?"
+@functools.lru_cache(maxsize=64)
+def _placeholders(width: int, rows: int) -> str:
+    """``?,?,?`` (width 1) or ``(?,?),(?,?)`` (width 2 and more)."""
+    one = "?" if width == 1 else "(" + ",".join("?" * width) + ")"
+    return ",".join([one] * rows)
+
+
+def _lookup(execute: Any, sql: str, keys: list[Any], width: int = 1) -> list[Any]:
+    """The rows of ``sql`` (whose ``{}`` takes the key list) for every key.
+
+    Repeated keys (the padding) may give repeated rows: callers collect the
+    rows in dicts or sets.
+    """
+    rows: list[Any] = []
+    for start in range(0, len(keys), _SIZES[-1]):
+        chunk = keys[start : start + _SIZES[-1]]
+        size = next(n for n in _SIZES if n >= len(chunk))
+        chunk = chunk + [chunk[0]] * (size - len(chunk))
+        params = chunk if width == 1 else [value for key in chunk for value in key]
+        rows += execute(sql.format(_placeholders(width, size)), params).fetchall()
+    return rows
 
 
 def deliver_txn(
@@ -70,89 +70,151 @@ def deliver_txn(
     now: int,
     friends_only: bool = False,
 ) -> tuple[list[tuple[Any, ...]], list[AckResult]]:
-    """Store and route a batch of messages and record a batch of acks."""
-    execute = db.conn.execute
-    heads = _Heads(execute)
-    rows: list[tuple[int, int, int]] = []  # inbox (uid, seq, msg_id)
-    results: list[tuple[Any, ...]] = []
-    members_of: dict[int, list[int] | None] = {}  # gid -> members, None: no group
-    for sender, cmid, to, body, kind in messages:
-        if friends_only or kind != KIND_USER:
-            # Checks that may refuse come after the de-dup, so a retransmit
-            # of a stored message always gets its MSG_A back.
-            earlier = execute(_EARLIER, (sender, cmid)).fetchone()
-            if earlier is not None:
-                results.append((DUPLICATE, earlier[0], earlier[1], ()))
-                continue
+    """Store and route a batch of messages and record a batch of acks.
+
+    The batch's de-dup keys, inbox heads and group members are each read in
+    one statement, seqs and ids are given out here (the transaction holds
+    the write lock), and rows are written with ``executemany``.
+    """
+    conn = db.conn
+    execute = conn.execute
+    # 1. de-duplication: within the batch, then against what is stored
+    first: dict[tuple[int, int], int] = {}
+    for i, message in enumerate(messages):
+        first.setdefault((message[0], message[1]), i)
+    earlier = {
+        (row[0], row[1]): (row[2], row[3])
+        for row in _lookup(
+            execute,
+            "SELECT m.sender, m.cmid, m.id, m.ts FROM (VALUES {}) v "
+            "JOIN messages m ON m.sender = v.column1 AND m.cmid = v.column2",
+            list(first),
+            2,
+        )
+    }
+    new = [i for key, i in first.items() if key not in earlier]
+    # 2. the groups, friendships and inboxes the batch touches
+    gids = list({messages[i][2] for i in new if messages[i][4] == KIND_GROUP})
+    members: dict[int, list[int]] = {}
+    if gids:
+        for (gid,) in _lookup(execute, "SELECT id FROM groups WHERE id IN ({})", gids):
+            members[gid] = []
+        if members:
+            for gid, uid in set(_lookup(
+                execute, "SELECT gid, uid FROM group_members WHERE gid IN ({})", list(members)
+            )):
+                members[gid].append(uid)
+    friends: set[tuple[int, int]] = set()
+    if friends_only:
+        pairs = list({(messages[i][0], messages[i][2]) for i in new
+                      if messages[i][4] == KIND_USER})
+        friends = {
+            (row[0], row[1])
+            for row in _lookup(execute, "SELECT f.uid, f.friend FROM (VALUES {}) v "
+                               "JOIN friends f ON f.uid = v.column1 AND f.friend = v.column2",
+                               pairs, 2)
+        }
+    uids = {messages[i][2] for i in new if messages[i][4] == KIND_USER}
+    for group in members.values():
+        uids.update(group)
+    uids.update(uid for uid, _ in acks)
+    heads: dict[int, list[int]] = {
+        row[0]: [row[1], row[2]]
+        for row in _lookup(
+            execute, "SELECT uid, max_seq, acked_seq FROM inboxes WHERE uid IN ({})", list(uids)
+        )
+    }
+    touched: set[int] = set()
+    # 3. seqs and ids
+    next_id = (execute("SELECT max(id) FROM messages").fetchone()[0] or 0) + 1
+    message_rows: list[tuple[Any, ...]] = []
+    inbox_rows: list[tuple[int, int, int]] = []
+    results: list[tuple[Any, ...]] = [()] * len(messages)
+    for i, (sender, cmid, to, body, kind) in enumerate(messages):
+        key = (sender, cmid)
+        j = first[key]
+        if j != i:  # a repeat within the batch: the answer of the first copy
+            done = results[j]
+            results[i] = (DUPLICATE, done[1], done[2], ()) if done[0] != REFUSED else done
+            continue
+        stored = earlier.get(key)
+        if stored is not None:
+            results[i] = (DUPLICATE, stored[0], stored[1], ())
+            continue
         if kind == KIND_USER:
             head = heads.get(to)
             if head is None:
-                results.append((REFUSED, 404, f"no such user {to}"))
+                results[i] = (REFUSED, 404, f"no such user {to}")
                 continue
-            if friends_only and to != sender and execute(
-                "SELECT 1 FROM friends WHERE uid = ? AND friend = ?", (sender, to)
-            ).fetchone() is None:
-                results.append((REFUSED, 403, f"user {to} is not your friend"))
+            if friends_only and to != sender and (sender, to) not in friends:
+                results[i] = (REFUSED, 403, f"user {to} is not your friend")
                 continue
-            seq = head + 1
-            cur = execute(_INSERT, (sender, cmid, KIND_USER, to, seq, body, now))
-            if cur.rowcount == 0:
-                earlier = execute(_EARLIER, (sender, cmid)).fetchone()
-                results.append((DUPLICATE, earlier[0], earlier[1], ()))
-                continue
-            heads.seqs[to] = seq
-            msg_id = int(cur.lastrowid or 0)
-            rows.append((to, seq, msg_id))
-            results.append((STORED, msg_id, now, ((to, seq),)))
+            head[0] += 1
+            touched.add(to)
+            msg_id = next_id
+            next_id += 1
+            message_rows.append((msg_id, sender, cmid, KIND_USER, to, head[0], body, now))
+            inbox_rows.append((to, head[0], msg_id))
+            results[i] = (STORED, msg_id, now, ((to, head[0]),))
         else:
-            if to not in members_of:
-                members_of[to] = _members(execute, to)
-            members = members_of[to]
-            if members is None:
-                results.append((REFUSED, 404, f"no such group {to}"))
+            group_members = members.get(to)
+            if group_members is None:
+                results[i] = (REFUSED, 404, f"no such group {to}")
                 continue
-            if sender not in members:
-                results.append((REFUSED, 403, f"you are not a member of group {to}"))
+            if sender not in group_members:
+                results[i] = (REFUSED, 403, f"you are not a member of group {to}")
                 continue
-            cur = execute(_INSERT, (sender, cmid, KIND_GROUP, to, None, body, now))
-            msg_id = int(cur.lastrowid or 0)
+            msg_id = next_id
+            next_id += 1
+            message_rows.append((msg_id, sender, cmid, KIND_GROUP, to, None, body, now))
             deliveries = []
-            for uid in members:
+            for uid in group_members:
                 if uid != sender:
-                    seq = (heads.get(uid) or 0) + 1
-                    heads.seqs[uid] = seq
-                    rows.append((uid, seq, msg_id))
-                    deliveries.append((uid, seq))
-            results.append((STORED, msg_id, now, tuple(deliveries)))
-    if rows:
-        db.conn.executemany("INSERT INTO inbox (uid, seq, msg_id) VALUES (?, ?, ?)", rows)
-    heads.write()
-    return results, [_ack(execute, heads, uid, seq) for uid, seq in acks]
-
-
-def _members(execute: Any, gid: int) -> list[int] | None:
-    if execute("SELECT 1 FROM groups WHERE id = ?", (gid,)).fetchone() is None:
-        return None
-    return [r[0] for r in execute("SELECT uid FROM group_members WHERE gid = ?", (gid,))]
-
-
-def _ack(execute: Any, heads: _Heads, uid: int, seq: int) -> AckResult:
-    """Move the user's ack cursor up to ``seq`` (never past the inbox head)."""
-    row = execute("SELECT max_seq, acked_seq FROM inboxes WHERE uid = ?", (uid,)).fetchone()
-    if row is None:
-        return uid, 0, ()
-    head = heads.seqs.get(uid, row[0])
-    acked = row[1]
-    upto = min(seq, head)
-    if upto <= acked:
-        return uid, acked, ()
-    execute("UPDATE inboxes SET acked_seq = ? WHERE uid = ?", (upto, uid))
-    newly = execute(
-        "SELECT m.sender, m.cmid, m.id FROM inbox i JOIN messages m ON m.id = i.msg_id "
-        "WHERE i.uid = ? AND i.seq > ? AND i.seq <= ? AND m.kind = 0 ORDER BY i.seq",
-        (uid, acked, upto),
-    ).fetchall()
-    return uid, upto, tuple(newly)
+                    head = heads[uid]
+                    head[0] += 1
+                    touched.add(uid)
+                    inbox_rows.append((uid, head[0], msg_id))
+                    deliveries.append((uid, head[0]))
+            results[i] = (STORED, msg_id, now, tuple(deliveries))
+    # 4. acks: move the cursors (never past the head)
+    ack_results: list[AckResult] = []
+    spans: list[tuple[int, int, int, int]] = []  # (result index, uid, from, to)
+    for uid, seq in acks:
+        head = heads.get(uid)
+        if head is None:
+            ack_results.append((uid, 0, ()))
+            continue
+        upto = min(seq, head[0])
+        acked = head[1]
+        if upto <= acked:
+            ack_results.append((uid, acked, ()))
+            continue
+        head[1] = upto
+        touched.add(uid)
+        spans.append((len(ack_results), uid, acked, upto))
+        ack_results.append((uid, upto, ()))
+    # 5. the writes
+    if message_rows:
+        conn.executemany(
+            "INSERT INTO messages (id, sender, cmid, kind, target, seq, body, ts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            message_rows,
+        )
+        conn.executemany("INSERT INTO inbox (uid, seq, msg_id) VALUES (?, ?, ?)", inbox_rows)
+    if touched:
+        conn.executemany(
+            "UPDATE inboxes SET max_seq = ?, acked_seq = ? WHERE uid = ?",
+            [(heads[uid][0], heads[uid][1], uid) for uid in touched],
+        )
+    # 6. the 1:1 messages each ack made delivered, for ACK_N
+    for n, uid, lo, hi in spans:
+        newly = execute(
+            "SELECT m.sender, m.cmid, m.id FROM inbox i JOIN messages m ON m.id = i.msg_id "
+            "WHERE i.uid = ? AND i.seq > ? AND i.seq <= ? AND m.kind = 0 ORDER BY i.seq",
+            (uid, lo, hi),
+        ).fetchall()
+        ack_results[n] = (uid, hi, tuple(newly))
+    return results, ack_results
 
 
 def inbox_txn(

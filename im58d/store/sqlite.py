@@ -7,17 +7,17 @@ data.  ``im58d-admin`` calls the same functions directly, without a reactor.
 
 from __future__ import annotations
 
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
 import sqlite_utils
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .accounts import (
@@ -115,13 +115,54 @@ def open_database(path: str, synchronous: str = "normal") -> sqlite_utils.Databa
 Operation = tuple[Callable[..., Any], tuple[Any, ...], "Deferred[Any]", bool]
 
 
+class DatabaseThread:
+    """The one thread that owns the database connection.
+
+    Jobs go in through a queue; each result comes back to the reactor thread
+    with one ``callFromThread``: a lighter hand-off than a thread pool's.
+    """
+
+    def __init__(self, reactor: Any, name: str = "im58d-db") -> None:
+        self._reactor = reactor
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._jobs.put((fn, args, d))
+        return d
+
+    def stop(self) -> None:
+        """Finish the queued jobs, then end the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _work(self) -> None:
+        call = self._reactor.callFromThread
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args, d = job
+            try:
+                result = fn(*args)
+            except BaseException:
+                call(d.errback, Failure())
+            else:
+                call(d.callback, result)
+
+
 @implementer(IStore)
 class SQLiteStore:
     """An ``IStore`` on one SQLite database, used from one dedicated thread.
 
     Operations queue up while the thread is busy; each round takes the whole
-    queue and runs it as one transaction (group commit), every operation in
-    its own savepoint so that one failing operation does not undo the others.
+    queue and runs it as one transaction (group commit).  When several
+    operations share a round, each runs in its own savepoint, so that one
+    failing operation does not undo the others.
     """
 
     def __init__(
@@ -129,14 +170,13 @@ class SQLiteStore:
         path: str,
         reactor: Any,
         synchronous: str = "normal",
-        pool: Any = None,
+        thread: Any = None,
     ) -> None:
         self.path = path
         self.synchronous = synchronous
         self._reactor = reactor
-        # one thread owns the connection; tests may pass a pool that runs
-        # work at once
-        self._pool = pool or ThreadPool(minthreads=1, maxthreads=1, name="im58d-db")
+        # tests may pass a runner that does the work at once
+        self._thread = thread or DatabaseThread(reactor)
         self._db: sqlite_utils.Database | None = None
         self._queue: list[Operation] = []
         self._busy = False
@@ -148,19 +188,22 @@ class SQLiteStore:
     # lifecycle
 
     def start(self) -> Deferred[None]:
-        self._pool.start()
-        d = deferToThreadPool(self._reactor, self._pool, self._open_in_thread)
+        self._thread.start()
+        d: Deferred[None] = self._thread.submit(self._open_in_thread)
         return d
 
     def _open_in_thread(self) -> None:
         self._db = open_database(self.path, self.synchronous)
+        # savepoints and sorts keep their scratch data in memory, not in
+        # temporary files
+        self._db.conn.execute("PRAGMA temp_store = MEMORY")
 
     def stop(self) -> Deferred[None]:
         d = self._wait_drained()
 
         def close(_: object) -> Deferred[None]:
-            closed = deferToThreadPool(self._reactor, self._pool, self._close_in_thread)
-            closed.addBoth(self._stop_pool)
+            closed: Deferred[None] = self._thread.submit(self._close_in_thread)
+            closed.addBoth(self._stop_thread)
             return closed
 
         d.addCallback(close)
@@ -171,8 +214,8 @@ class SQLiteStore:
             self._db.conn.close()
             self._db = None
 
-    def _stop_pool(self, result: object) -> object:
-        self._pool.stop()
+    def _stop_thread(self, result: object) -> object:
+        self._thread.stop()
         return result
 
     def _wait_drained(self) -> Deferred[None]:
@@ -184,13 +227,23 @@ class SQLiteStore:
 
     # the queue
 
-    def _run(self, fn: Callable[..., Any], *args: Any, write: bool = True) -> Deferred[Any]:
+    def _run(
+        self, fn: Callable[..., Any], *args: Any, write: bool = True, at_once: bool = False
+    ) -> Deferred[Any]:
+        """Queue ``fn(db, *args)`` for the next transaction.
+
+        Without ``at_once`` the transaction starts on the next reactor turn,
+        so that everything submitted in this turn joins it; callers that have
+        gathered a turn's work themselves pass ``at_once``.
+        """
         d: Deferred[Any] = Deferred()
         self._queue.append((fn, args, d, write))
-        if not self._busy and not self._flush_scheduled:
-            # Let everything submitted in this reactor turn join the batch.
-            self._flush_scheduled = True
-            self._reactor.callLater(0, self._flush)
+        if not self._busy:
+            if at_once:
+                self._flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._reactor.callLater(0, self._flush)
         return d
 
     def _flush(self) -> None:
@@ -199,7 +252,7 @@ class SQLiteStore:
             return
         batch, self._queue = self._queue, []
         self._busy = True
-        d = deferToThreadPool(self._reactor, self._pool, self._run_batch, batch)
+        d = self._thread.submit(self._run_batch, batch)
         d.addBoth(self._batch_done, batch)
 
     def _run_batch(self, batch: list[Operation]) -> list[tuple[bool, Any]]:
@@ -212,14 +265,23 @@ class SQLiteStore:
         results: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
-            for fn, args, _, _ in batch:
-                conn.execute("SAVEPOINT op")
+            if len(batch) == 1:
+                fn, args, _, _ = batch[0]
                 try:
                     results.append((True, fn(db, *args)))
                 except Exception:
-                    results.append((False, Failure()))
-                    conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
+                    # alone in its transaction: undo it all
+                    conn.execute("ROLLBACK")
+                    return [(False, Failure())]
+            else:
+                for fn, args, _, _ in batch:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        results.append((True, fn(db, *args)))
+                    except Exception:
+                        results.append((False, Failure()))
+                        conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -291,7 +353,7 @@ class SQLiteStore:
         now: int,
         friends_only: bool = False,
     ) -> Deferred[tuple[list[tuple[Any, ...]], list[AckResult]]]:
-        return self._run(deliver_txn, messages, acks, now, friends_only)
+        return self._run(deliver_txn, messages, acks, now, friends_only, at_once=True)
 
     def inbox(
         self, uid: int, after: int, limit: int

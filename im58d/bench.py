@@ -1,0 +1,422 @@
+"""``im58d-bench``: measure the daemon on the message path (not a test).
+
+It starts a daemon of its own on a fresh database (or targets a running one),
+logs in client pairs and makes every sender keep ``--window`` messages in
+flight through the full six-packet flow (MSG_R → MSG_A, MSG_N → ACK_R →
+ACK_A, ACK_N), then prints:
+
+- delivered messages per second, p50/p99 latency from MSG_R to MSG_N;
+- application-layer wire bytes per delivered message (both directions);
+- server CPU microseconds per delivered message (from /proc/PID/stat);
+
+at full load and paced (``--rate`` messages per second), the bytes of the
+six packets of "你好" on a fresh database, and, in idle mode, the server's
+resident memory per logged-in connection that only heartbeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from .logic.passwords import hash_password
+from .store.accounts import add_user_txn
+from .store.sqlite import open_database
+from .wire import Decoder, encode, frame
+from .wire import packets as P
+
+# the directory holding this im58d, so the daemon runs the same code
+_CODE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PASSWORD = "bench"
+BODY = "你好"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+class Daemon:
+    """A daemon of the bench's own, on a fresh database in a temporary directory."""
+
+    def __init__(self, users: int, keep: bool = False) -> None:
+        self.directory = tempfile.mkdtemp(prefix="im58d-bench-")
+        self.keep = keep
+        self.database = os.path.join(self.directory, "im58d.sqlite")
+        db = open_database(self.database)
+        # Bench accounts get a cheap scrypt cost: thousands of logins would
+        # otherwise measure scrypt, not the message path.
+        cheap = hash_password(PASSWORD, n=16)
+        db.conn.execute("BEGIN")
+        for i in range(users):
+            add_user_txn(db, f"bench{i}", cheap, 0)
+        db.conn.execute("COMMIT")
+        db.conn.close()
+        self.port = free_port()
+        self.http_port = free_port()
+        self.log = open(os.path.join(self.directory, "daemon.log"), "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile", "", "im58d", "--database", self.database,
+             "--access", f"tcp:{self.port}:interface=127.0.0.1",
+             "--http", f"tcp:{self.http_port}:interface=127.0.0.1"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.directory,
+            env=dict(os.environ, PYTHONPATH=_CODE + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        )
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise SystemExit(f"im58d-bench: the daemon did not start; see {self.log.name}")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+        if not self.keep:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class Meter:
+    """Counters shared by every bench connection."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.delivered = 0
+        self.latencies: list[float] = []
+        self.recording = False
+
+    def reset(self) -> None:
+        self.bytes = 0
+        self.delivered = 0
+        self.latencies = []
+
+
+class Conn(Protocol):
+    """A lean bench client: prebuilt frames, only the packets it needs."""
+
+    def __init__(self, meter: Meter, user: str, logged_in: defer.Deferred[Conn]) -> None:
+        self.meter = meter
+        self.user = user
+        self.logged_in = logged_in
+        self.decoder = Decoder()
+        self.uid = 0
+        self.peer: Conn | None = None
+        self.sent_at: deque[float] = deque()  # MSG_R times, for the receiver's latency
+        self.next_cmid = 1
+        self.in_flight = 0
+        self.window = 0
+        self.ack_each = True
+        self.on_ack_n: Callable[[Conn], None] | None = None
+        self.log: list[bytes] | None = None  # raw frames, for the bytes report
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.setTcpNoDelay(True)
+        transport.write(encode(P.Login(self.user, PASSWORD, "bench")))
+
+    def write(self, data: bytes) -> None:
+        if self.meter.recording:
+            self.meter.bytes += len(data)
+        if self.log is not None:
+            self.log.append(data)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def send_message(self) -> None:
+        peer = self.peer
+        assert peer is not None
+        cmid = self.next_cmid
+        self.next_cmid += 1
+        self.in_flight += 1
+        peer.sent_at.append(time.perf_counter())
+        self.write(frame(P.MSG_R, (cmid, peer.uid, BODY)))
+
+    def dataReceived(self, data: bytes) -> None:
+        meter = self.meter
+        if meter.recording:
+            meter.bytes += len(data)
+        if self.log is not None:
+            self.log.append(data)
+        ack = 0
+        packet: Any
+        for packet in self.decoder.feed(data):
+            kind = type(packet)
+            if kind is P.MsgN:
+                now = time.perf_counter()
+                sent = self.sent_at.popleft() if self.sent_at else now
+                if meter.recording:
+                    meter.delivered += 1
+                    meter.latencies.append(now - sent)
+                if self.ack_each:
+                    self.write(frame(P.ACK_R, (packet.seq,)))
+                else:
+                    ack = packet.seq
+            elif kind is P.AckN:
+                self.in_flight -= 1
+                if self.on_ack_n is not None:
+                    self.on_ack_n(self)
+            elif kind is P.Welcome:
+                self.uid = packet.uid
+                self.logged_in.callback(self)
+            elif kind is P.Error:
+                error = f"{self.user}: ERROR {packet.code} {packet.message}"
+                if not self.logged_in.called:
+                    self.logged_in.errback(RuntimeError(error))
+                else:
+                    print(f"im58d-bench: {error}", file=sys.stderr)
+        if ack:
+            self.write(frame(P.ACK_R, (ack,)))
+
+
+async def connect(reactor: Any, meter: Meter, port: int, user: str) -> Conn:
+    logged_in: defer.Deferred[Conn] = defer.Deferred()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    await connectProtocol(endpoint, Conn(meter, user, logged_in))
+    return await logged_in
+
+
+async def pairs_of(reactor: Any, meter: Meter, port: int, count: int) -> list[Conn]:
+    senders = []
+    for i in range(count):
+        sender, receiver = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(connect(reactor, meter, port, f"bench{2 * i}")),
+            defer.Deferred.fromCoroutine(connect(reactor, meter, port, f"bench{2 * i + 1}")),
+        ])
+        sender.peer = receiver
+        senders.append(sender)
+    return senders
+
+
+async def six_packets(reactor: Any, meter: Meter, sender: Conn) -> dict[str, Any]:
+    """The bytes of one "你好" through all six packets (the first message of a
+    fresh database)."""
+    receiver = sender.peer
+    assert receiver is not None
+    sender.log, receiver.log = [], []
+    done: defer.Deferred[None] = defer.Deferred()
+    sender.on_ack_n = lambda conn: done.callback(None)
+    sender.send_message()
+    await done
+    await task.deferLater(reactor, 0.2)  # let ACK_A arrive
+    sender.on_ack_n = None
+    frames = b"".join(sender.log) + b"".join(receiver.log)
+    sender.log = receiver.log = None
+    return {"bytes": len(frames), "hex": frames.hex()}
+
+
+async def load(
+    reactor: Any, meter: Meter, senders: list[Conn], daemon_pid: int | None,
+    window: int, rate: float | None, warmup: float, duration: float, ack_each: bool,
+) -> dict[str, Any]:
+    """Run the flow for warmup + duration seconds; measure over the duration."""
+    def refill(conn: Conn) -> None:
+        while conn.in_flight < conn.window:
+            conn.send_message()
+
+    pacer = None
+    for conn in senders:
+        conn.window = window
+        conn.ack_each = ack_each
+        assert conn.peer is not None
+        conn.peer.ack_each = ack_each
+    if rate is None:
+        for conn in senders:
+            conn.on_ack_n = refill
+            refill(conn)
+    else:
+        tick = 0.005
+        due = [0.0]
+        turn = iter(range(1 << 62))
+
+        def pace() -> None:
+            due[0] += rate * tick
+            while due[0] >= 1:
+                conn = senders[next(turn) % len(senders)]
+                if conn.in_flight < 1000:
+                    conn.send_message()
+                due[0] -= 1
+
+        pacer = task.LoopingCall(pace)
+        pacer.clock = reactor
+        pacer.start(tick)
+    await task.deferLater(reactor, warmup)
+    meter.reset()
+    meter.recording = True
+    cpu0 = cpu_seconds(daemon_pid) if daemon_pid else None
+    own0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    await task.deferLater(reactor, duration)
+    elapsed = time.perf_counter() - t0
+    meter.recording = False
+    cpu1 = cpu_seconds(daemon_pid) if daemon_pid else None
+    own1 = resource.getrusage(resource.RUSAGE_SELF)
+    if pacer is not None:
+        pacer.stop()
+    for conn in senders:
+        conn.on_ack_n = None
+        conn.window = 0
+    await task.deferLater(reactor, 1.0)  # let in-flight messages finish
+    delivered = meter.delivered
+    result: dict[str, Any] = {
+        "delivered_per_s": round(delivered / elapsed),
+        "p50_ms": round(percentile(meter.latencies, 50) * 1000, 2),
+        "p99_ms": round(percentile(meter.latencies, 99) * 1000, 2),
+        "bytes_per_msg": round(meter.bytes / delivered, 1) if delivered else None,
+        "bench_cpu_us_per_msg": round(
+            ((own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime))
+            / delivered * 1e6, 1) if delivered else None,
+    }
+    if cpu0 is not None and cpu1 is not None and delivered:
+        result["server_cpu_us_per_msg"] = round((cpu1 - cpu0) / delivered * 1e6, 1)
+        result["server_cpu_cores"] = round((cpu1 - cpu0) / elapsed, 2)
+    return result
+
+
+async def idle(reactor: Any, port: int, daemon_pid: int, count: int, settle: float
+               ) -> dict[str, Any]:
+    """Open ``count`` logged-in connections that only heartbeat; the server's
+    resident memory per connection."""
+    meter = Meter()
+    await task.deferLater(reactor, 1.0)
+    before = rss_bytes(daemon_pid)
+    conns: list[Conn] = []
+    batch = 50  # the daemon allows 64 logins being checked per address
+    for start in range(0, count, batch):
+        conns += await defer.gatherResults([
+            defer.Deferred.fromCoroutine(connect(reactor, meter, port, f"bench{i}"))
+            for i in range(start, min(count, start + batch))
+        ])
+    for conn in conns:  # one heartbeat each
+        conn.write(encode(P.Ping()))
+    await task.deferLater(reactor, settle)
+    after = rss_bytes(daemon_pid)
+    for conn in conns:
+        conn.transport.loseConnection()  # type: ignore[union-attr]
+    return {
+        "connections": len(conns),
+        "rss_before_mib": round(before / 2**20, 1),
+        "rss_after_mib": round(after / 2**20, 1),
+        "rss_per_connection_kb": round((after - before) / len(conns) / 1000, 2),
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="im58d-bench", description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=["all", "full", "paced", "bytes", "idle"], default="all")
+    p.add_argument("--pairs", type=int, default=50)
+    p.add_argument("--window", type=int, default=16, help="messages in flight per sender")
+    p.add_argument("--rate", type=float, default=2000.0, help="paced messages per second")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per run")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--idle", type=int, default=5000, help="connections in idle mode")
+    p.add_argument("--coalesce-acks", action="store_true",
+                   help="ack once per read instead of once per MSG_N")
+    p.add_argument("--target", help="HOST:PORT of a running daemon whose database has the "
+                                    "users bench0.. with password 'bench' (see --database)")
+    p.add_argument("--server-pid", type=int, help="with --target: the daemon's pid, for CPU")
+    p.add_argument("--keep", action="store_true", help="keep the bench daemon's directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+async def run(reactor: Any, args: argparse.Namespace) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    results: dict[str, Any] = {}
+    users = max(2 * args.pairs, args.idle if args.mode in ("all", "idle") else 0)
+
+    def report(name: str, value: dict[str, Any]) -> None:
+        results[name] = value
+        if not args.json:
+            print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in value.items()), flush=True)
+
+    def start() -> tuple[int, int | None, Daemon | None]:
+        if args.target:
+            return int(args.target.rpartition(":")[2]), args.server_pid, None
+        daemon = Daemon(users, args.keep)
+        return daemon.port, daemon.pid, daemon
+
+    if args.mode in ("all", "bytes", "full", "paced"):
+        port, pid, daemon = start()
+        try:
+            meter = Meter()
+            senders = await pairs_of(reactor, meter, port, args.pairs)
+            if args.mode in ("all", "bytes"):
+                report("six_packets_nihao", await six_packets(reactor, meter, senders[0]))
+            if args.mode in ("all", "full"):
+                report("full_load", await load(reactor, meter, senders, pid, args.window,
+                                               None, args.warmup, args.duration,
+                                               not args.coalesce_acks))
+            if args.mode in ("all", "paced"):
+                report(f"paced_{int(args.rate)}", await load(
+                    reactor, meter, senders, pid, args.window, args.rate, args.warmup,
+                    args.duration, not args.coalesce_acks))
+            for conn in senders:
+                conn.transport.loseConnection()  # type: ignore[union-attr]
+                conn.peer.transport.loseConnection()  # type: ignore[union-attr]
+        finally:
+            if daemon is not None:
+                daemon.close()
+    if args.mode in ("all", "idle"):
+        port, pid, daemon = start()
+        try:
+            if pid is None:
+                raise SystemExit("im58d-bench: idle mode needs --server-pid with --target")
+            report("idle", await idle(reactor, port, pid, args.idle, settle=3.0))
+        finally:
+            if daemon is not None:
+                daemon.close()
+    if args.json:
+        print(json.dumps(results))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, args)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
