@@ -89,6 +89,7 @@ class Harness:
             max_body=settings.pop("max_body", 4096),
             friends_only=settings.pop("friends_only", False),
             retransmit=settings.pop("retransmit", 10),
+            gather=settings.pop("gather", 0.0),
         )
         self.factory = AccessFactory(self.sessions, self.reactor, **settings)
         self.factory.handlers[P.MsgR] = self.messenger.on_msg_r

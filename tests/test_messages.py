@@ -469,3 +469,63 @@ class ShutdownTests(TwoUsers):
         self.successResultOf(drained)
         self.h.factory.kick_all(P.KICKED_SHUTDOWN)
         self.assertEqual([type(p) for p in self.alice.received()], [P.MsgA, P.Kicked])
+
+
+class BatchWindowTests(TwoUsers):
+    settings = {"gather": 0.01}
+
+    def test_idle_batch_waits_its_window(self) -> None:
+        """With the store idle, a message waits batch_window before it is
+        committed, so that others can share the commit."""
+        batches = self.h.store.batches
+        self.alice.send(P.MsgR(1, self.bob_uid, "one"))
+        self.h.reactor.advance(0.005)
+        self.bob.send(P.MsgR(1, self.alice_uid, "two"))
+        self.assertEqual((self.alice.received(), self.bob.received()), ([], []))
+        self.h.reactor.advance(0.005)
+        self.h.turn()
+        self.assertEqual(self.h.store.batches, batches + 1)
+        self.assertEqual([type(p) for p in self.alice.received()], [P.MsgA, P.MsgN])
+        self.assertEqual([type(p) for p in self.bob.received()], [P.MsgN, P.MsgA])
+
+    def test_next_batch_after_a_small_one_waits(self) -> None:
+        """What arrives while a small batch is stored waits out its own window."""
+        commit: Deferred[Any] = Deferred()
+        real = self.h.store.deliver
+        calls: list[Any] = []
+
+        def deliver(*args: Any) -> Deferred[Any]:
+            calls.append(args)
+            return commit if len(calls) == 1 else real(*args)
+
+        self.patch(self.h.store, "deliver", deliver)
+        self.alice.send(P.MsgR(1, self.bob_uid, "first"))
+        self.h.reactor.advance(0.01)
+        self.assertEqual(len(calls), 1)
+        self.alice.send(P.MsgR(2, self.bob_uid, "second"))
+        real(*calls[0]).chainDeferred(commit)
+        self.h.turn()
+        self.assertEqual(len(calls), 1)  # waiting for its window
+        self.h.reactor.advance(0.01)
+        self.h.turn()
+        self.assertEqual(len(calls), 2)
+
+    def test_next_batch_after_a_full_one_goes_at_once(self) -> None:
+        """Under load (the batch that landed was full) the next batch goes to
+        the store as soon as the previous one lands."""
+        commit: Deferred[Any] = Deferred()
+        real = self.h.store.deliver
+        calls: list[Any] = []
+
+        def deliver(*args: Any) -> Deferred[Any]:
+            calls.append(args)
+            return commit if len(calls) == 1 else real(*args)
+
+        self.patch(self.h.store, "deliver", deliver)
+        self.alice.send(*[P.MsgR(i, self.bob_uid, "m") for i in range(1, 71)])
+        self.h.reactor.advance(0.01)
+        self.assertEqual(len(calls), 1)
+        self.alice.send(P.MsgR(100, self.bob_uid, "next"))
+        real(*calls[0]).chainDeferred(commit)
+        self.h.turn()
+        self.assertEqual(len(calls), 2)

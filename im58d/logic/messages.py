@@ -25,6 +25,9 @@ from ..wire import packets as P
 
 log = Logger()
 
+# messages and acks that make a batch worth a commit without waiting
+FULL_BATCH = 64
+
 
 def body_size(body: str | bytes, limit: int) -> int:
     """The body's size in bytes, exact where it matters (near ``limit``)."""
@@ -58,6 +61,8 @@ class Messenger:
         self._messages: list[tuple[Any, int, int, str | bytes, int]] = []
         self._acks: dict[Any, int] = {}
         self._scheduled = False
+        self._gathering_since = 0.0
+        self._batch_size = 0  # messages and acks of the last batch
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
         # sessions with MSG_Ns waiting for ACK_R
@@ -110,6 +115,7 @@ class Messenger:
         several messages rather than one (each commit has a fixed cost).
         """
         self._scheduled = True
+        self._gathering_since = self.clock.seconds()
         if not self._in_flight:
             self.clock.callLater(self.gather, self.flush)
 
@@ -124,6 +130,7 @@ class Messenger:
             return
         now = int(self.clock.seconds())
         self._in_flight += 1
+        self._batch_size = len(messages) + len(acks)
         d = self.store.deliver(
             [(s.uid, cmid, to, body, kind) for s, cmid, to, body, kind in messages],
             [(s.uid, seq) for s, seq in acks.items()],
@@ -190,7 +197,13 @@ class Messenger:
     def _landed(self, _: object) -> None:
         self._in_flight -= 1
         if self._messages or self._acks:
-            self.flush()
+            # Under load (the batch that landed was full) the next goes at
+            # once; at low rates it waits out the rest of its window.
+            wait = self._gathering_since + self.gather - self.clock.seconds()
+            if wait > 0 and self._batch_size < FULL_BATCH:
+                self.clock.callLater(wait, self.flush)
+            else:
+                self.flush()
         elif self._drained:
             waiting, self._drained = self._drained, []
             for d in waiting:

@@ -47,17 +47,19 @@ def _placeholders(width: int, rows: int) -> str:
     return ",".join([one] * rows)
 
 
-def _lookup(execute: Any, sql: str, keys: list[Any], width: int = 1) -> list[Any]:
+def _lookup(
+    execute: Any, sql: str, keys: list[Any], width: int = 1, pad: Any = None
+) -> list[Any]:
     """The rows of ``sql`` (whose ``{}`` takes the key list) for every key.
 
-    Repeated keys (the padding) may give repeated rows: callers collect the
-    rows in dicts or sets.
+    The list is padded with ``pad``, or else with its first key, whose rows
+    then repeat: callers collect such rows in dicts or sets.
     """
     rows: list[Any] = []
     for start in range(0, len(keys), _SIZES[-1]):
         chunk = keys[start : start + _SIZES[-1]]
         size = next(n for n in _SIZES if n >= len(chunk))
-        chunk = chunk + [chunk[0]] * (size - len(chunk))
+        chunk = chunk + [chunk[0] if pad is None else pad] * (size - len(chunk))
         params = chunk if width == 1 else [value for key in chunk for value in key]
         rows += execute(sql.format(_placeholders(width, size)), params).fetchall()
     return rows
@@ -207,13 +209,20 @@ def deliver_txn(
             [(heads[uid][0], heads[uid][1], uid) for uid in touched],
         )
     # 6. the 1:1 messages each ack made delivered, for ACK_N
-    for n, uid, lo, hi in spans:
-        newly = execute(
-            "SELECT m.sender, m.cmid, m.id FROM inbox i JOIN messages m ON m.id = i.msg_id "
-            "WHERE i.uid = ? AND i.seq > ? AND i.seq <= ? AND m.kind = 0 ORDER BY i.seq",
-            (uid, lo, hi),
-        ).fetchall()
-        ack_results[n] = (uid, hi, tuple(newly))
+    if spans:
+        newly: dict[int, list[tuple[int, int, int]]] = {}
+        for uid, sender, cmid, msg_id in _lookup(
+            execute,
+            "SELECT r.column1, m.sender, m.cmid, m.id FROM (VALUES {}) r "
+            "JOIN inbox i ON i.uid = r.column1 AND i.seq > r.column2 AND i.seq <= r.column3 "
+            "JOIN messages m ON m.id = i.msg_id WHERE m.kind = 0 ORDER BY i.uid, i.seq",
+            [(uid, lo, hi) for _, uid, lo, hi in spans],
+            3,
+            pad=(0, 0, 0),  # matches nothing
+        ):
+            newly.setdefault(uid, []).append((sender, cmid, msg_id))
+        for n, uid, _, hi in spans:
+            ack_results[n] = (uid, hi, tuple(newly.get(uid, ())))
     return results, ack_results
 
 
