@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -13,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
@@ -53,9 +55,12 @@ class Ended(NamedTuple):
 class Daemon(ProcessProtocol):
     """``twistd -n im58d`` on free loopback ports, in a directory of its own."""
 
-    def __init__(self, directory: str, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, directory: str, extra: Sequence[str] = (), ports: tuple[int, int] = (0, 0)
+    ) -> None:
         self.directory = os.path.abspath(directory)
         self.extra = list(extra)
+        self.fixed_ports = ports
         self.output = b""
         self.ports: dict[str, int] = {}
         self.ready: Deferred[Daemon] = Deferred()
@@ -69,11 +74,16 @@ class Daemon(ProcessProtocol):
     def start(self, args: Sequence[str] | None = None) -> Deferred[Daemon]:
         os.makedirs(self.directory, exist_ok=True)
         if args is None:
+            access, http = self.fixed_ports
             args = [
                 "--database", self.database,
-                "--access", "tcp:0:interface=127.0.0.1",
-                "--http", "tcp:0:interface=127.0.0.1",
+                "--access", f"tcp:{access}:interface=127.0.0.1",
+                "--http", f"tcp:{http}:interface=127.0.0.1",
             ]
+        self.output = b""
+        self.ports = {}
+        self.ready = Deferred()
+        self.ended = Deferred()
         argv = [
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
             "-n", "--pidfile", "", "im58d", *args, *self.extra,
@@ -143,6 +153,22 @@ class PacketClient(Protocol):
         d = self.packets.get()
         d.addTimeout(TIMEOUT, reactor)
         return d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def until(condition: Any, timeout: float = TIMEOUT, what: str = "") -> None:
+    """Wait, polling every 50 ms, until ``condition()`` holds (real processes
+    leave no clock to advance)."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        await deferLater(reactor, 0.05)
 
 
 def connect(port: int) -> Deferred[PacketClient]:

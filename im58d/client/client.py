@@ -284,6 +284,11 @@ class Client:
         elif self.state.last_seq:
             # an ACK_R may have been lost with the last connection
             self._ack_soon()
+        if self.undelivered:
+            # ACK_Ns sent while we were away are lost: ask
+            self.refresh_status().addErrback(
+                lambda f: log.warn("status refresh failed: {e}", e=f.getErrorMessage())
+            )
         started, self._started = self._started, None
         if started is not None:
             started.callback(None)
@@ -412,8 +417,9 @@ class Client:
                                           entry["ts"], entry.get("group")))
                 if not page["messages"] or self.state.last_seq >= page["max"]:
                     break
-        except Exception:
-            log.failure("pulling the inbox failed")
+        except Exception as e:
+            # the next WELCOME (or gap) pulls again
+            log.warn("pulling the inbox failed: {e}", e=e)
         finally:
             self._pulling = False
 

@@ -1,0 +1,256 @@
+"""End to end: the message flow between real clients and the real daemon."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet import reactor, task
+from twisted.internet.defer import ensureDeferred, inlineCallbacks
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from im58d.client import DELIVERED, STORED, Client, ClientState, Message, Outgoing
+from im58d.client.client import _Wire
+from im58d.wire import Decoder, encode
+from im58d.wire import packets as P
+
+from .e2e import Daemon, admin, connect, free_port, until
+
+
+class Recorder:
+    """The frames each real client wrote and read, in order."""
+
+    def __init__(self, test: TestCase) -> None:
+        self.frames: dict[str, list[tuple[str, bytes]]] = {}
+        self.decoders: dict[int, Decoder] = {}
+        recorder = self
+        received = _Wire.dataReceived
+        sent = _Wire.send
+
+        def data_received(wire: _Wire, data: bytes) -> None:
+            recorder._log(wire, "in", data)
+            received(wire, data)
+
+        def send(wire: _Wire, *packets: Any) -> None:
+            recorder._log(wire, "out", b"".join(encode(p) for p in packets))
+            sent(wire, *packets)
+
+        test.patch(_Wire, "dataReceived", data_received)
+        test.patch(_Wire, "send", send)
+
+    def _log(self, wire: _Wire, way: str, data: bytes) -> None:
+        # split the stream into frames (a read may hold several)
+        decoder = self.decoders.setdefault(id(wire) * 2 + (way == "in"), Decoder())
+        buffered = decoder._buf + data if decoder._buf else data
+        pos = 0
+        for _ in decoder.feed(data):
+            n, head = buffered[pos], pos + 1
+            if n >= 0x80:  # frames here are short; a longer prefix is rare
+                n, head = _varint(buffered, pos)
+            self.frames.setdefault(wire.client.user, []).append((way, buffered[pos : head + n]))
+            pos = head + n
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return n, pos
+
+
+class MessageFlowTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def setUp(self) -> Any:  # type: ignore[override]
+        self.daemon = Daemon(self.mktemp(), ports=(free_port(), free_port()))
+        self.addCleanup(self.daemon.cleanup)
+        yield self.daemon.start()
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.uids = {}
+        for name in ("alice", "bob"):
+            out, err, code = yield admin(self.daemon.database, "user", "add", name,
+                                         "--password", "pw")
+            self.assertEqual(code, 0, err)
+            self.uids[name] = int(out)
+
+    def client(self, name: str, **kwargs: Any) -> Client:
+        shown: list[Message] = []
+        client = Client(
+            reactor, "127.0.0.1", self.daemon.access_port,
+            f"http://127.0.0.1:{self.daemon.http_port}", name, "pw",
+            device="e2e", state=kwargs.pop("state", ClientState(next_cmid=1)),
+            on_message=shown.append, http=HTTPClient(Agent(reactor, pool=self.pool)), **kwargs,
+        )
+        client.shown = shown  # type: ignore[attr-defined]
+        self.addCleanup(client.stop)
+        return client
+
+    @inlineCallbacks
+    def test_six_packets_byte_for_byte(self) -> Any:
+        """Two real clients on a fresh database: 你好 travels in exactly the six
+        packets of the contract, byte for byte, 53 bytes in all (at most 64)."""
+        recorder = Recorder(self)
+        alice, bob = self.client("alice"), self.client("bob")
+        yield alice.start()
+        yield bob.start()
+        out = alice.send(self.uids["bob"], "你好")
+        yield ensureDeferred(until(lambda: out.state == DELIVERED, what="delivery"))
+        self.assertEqual([m.body for m in bob.shown], ["你好"])  # type: ignore[attr-defined]
+        ts = out.ts
+        assert ts is not None
+        a, b = self.uids["alice"], self.uids["bob"]
+        expected = {
+            "alice": [("out", encode(P.MsgR(1, b, "你好"))), ("in", encode(P.MsgA(1, 1, ts))),
+                      ("in", encode(P.AckN(1, 1)))],
+            "bob": [("in", encode(P.MsgN(1, 1, a, "你好", ts))), ("out", encode(P.AckR(1))),
+                    ("in", encode(P.AckA(1)))],
+        }
+        yield ensureDeferred(until(lambda: len(recorder.frames["bob"]) >= 5, what="ACK_A"))
+        for name in ("alice", "bob"):
+            flow = [f for f in recorder.frames[name] if f[1][1] not in (P.LOGIN, P.WELCOME)]
+            self.assertEqual(flow, expected[name], name)
+        total = sum(len(f[1]) for name in expected for f in expected[name])
+        self.assertEqual(total, 53)
+        self.assertLessEqual(total, 64)
+
+    @inlineCallbacks
+    def test_offline_receiver_pulls_fifty(self) -> Any:
+        """B is offline while A sends 50 messages; B starts, pulls them over HTTP
+        and shows each once, in order; A learns all 50 were delivered."""
+        alice = self.client("alice")
+        yield alice.start()
+        sent = [alice.send(self.uids["bob"], f"message {i}") for i in range(50)]
+        yield ensureDeferred(until(lambda: all(o.state == STORED for o in sent), what="MSG_As"))
+        bob = self.client("bob")
+        yield bob.start()
+        yield ensureDeferred(until(lambda: all(o.state == DELIVERED for o in sent),
+                                   what="ACK_Ns"))
+        shown = bob.shown  # type: ignore[attr-defined]
+        self.assertEqual([m.body for m in shown], [f"message {i}" for i in range(50)])
+        self.assertEqual([m.seq for m in shown], list(range(1, 51)))
+
+    @inlineCallbacks
+    def test_retransmitted_msg_r(self) -> Any:
+        """A MSG_R sent twice over a real socket gets the same MSG_A twice and
+        makes one inbox entry; the receiver gets one MSG_N."""
+        sender = yield connect(self.daemon.access_port)
+        receiver = yield connect(self.daemon.access_port)
+        sender.send(P.Login("alice", "pw", "raw"))
+        receiver.send(P.Login("bob", "pw", "raw"))
+        self.assertIsInstance((yield sender.next()), P.Welcome)
+        self.assertIsInstance((yield receiver.next()), P.Welcome)
+        sender.send(P.MsgR(7, self.uids["bob"], "once"))
+        first = yield sender.next()
+        sender.send(P.MsgR(7, self.uids["bob"], "once"))
+        second = yield sender.next()
+        self.assertEqual(first, second)
+        msg_n = yield receiver.next()
+        self.assertEqual((msg_n.seq, msg_n.msg_id), (1, first.msg_id))
+        receiver.send(P.AckR(1))
+        self.assertEqual((yield receiver.next()), P.AckA(1))
+        db = sqlite3.connect(self.daemon.database)
+        self.assertEqual(db.execute("SELECT count(*) FROM inbox").fetchone()[0], 1)
+        db.close()
+        for client in (sender, receiver):
+            client.transport.loseConnection()
+            yield client.lost
+
+
+class DurabilityTests(TestCase):
+    timeout = 180
+
+    @inlineCallbacks
+    def test_sigkill_under_load(self) -> Any:
+        """The daemon is killed with SIGKILL while clients exchange messages and
+        started again: every message whose MSG_A reached its sender is in the
+        receiver's inbox exactly once, and every receiver shows every message
+        exactly once, in order."""
+        ports = (free_port(), free_port())
+        directory = self.mktemp()
+        daemon = Daemon(directory, ports=ports)
+        self.addCleanup(daemon.cleanup)
+        yield daemon.start()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        pairs = 4
+        per_sender = 150
+        uids = {}
+        for i in range(2 * pairs):
+            out, err, code = yield admin(daemon.database, "user", "add", f"u{i}",
+                                         "--password", "pw")
+            uids[f"u{i}"] = int(out)
+        clients: list[Client] = []
+        shown: dict[str, list[Message]] = {}
+        for i in range(2 * pairs):
+            name = f"u{i}"
+            shown[name] = []
+            client = Client(reactor, "127.0.0.1", ports[0], f"http://127.0.0.1:{ports[1]}",
+                            name, "pw", state=ClientState(next_cmid=1),
+                            on_message=shown[name].append,
+                            http=HTTPClient(Agent(reactor, pool=pool)), resend_after=2.0)
+            self.addCleanup(client.stop)
+            clients.append(client)
+        for client in clients:
+            yield client.start()
+        sent: dict[str, list[Outgoing]] = {f"u{2 * i}": [] for i in range(pairs)}
+
+        def send_some() -> None:
+            for i in range(pairs):
+                name = f"u{2 * i}"
+                if len(sent[name]) < per_sender:
+                    body = f"{name}:{len(sent[name])}"
+                    sent[name].append(clients[2 * i].send(uids[f"u{2 * i + 1}"], body))
+
+        pacer = task.LoopingCall(send_some)
+        pacer.start(0.01)
+        self.addCleanup(lambda: pacer.stop() if pacer.running else None)
+        yield ensureDeferred(until(lambda: len(sent["u0"]) >= per_sender // 3, what="load"))
+        ended = yield daemon.stop(signal.SIGKILL)
+        self.assertEqual(ended.signal, signal.SIGKILL)
+        acknowledged = {
+            (name, out.msg_id) for name, outs in sent.items() for out in outs
+            if out.msg_id is not None
+        }
+        self.assertTrue(acknowledged)
+        restarted = Daemon(directory, ports=ports)
+        self.addCleanup(restarted.cleanup)
+        yield restarted.start()
+        everything = pairs * per_sender
+
+        def done() -> bool:
+            return (
+                sum(len(outs) for outs in sent.values()) == everything
+                and all(o.state == DELIVERED for outs in sent.values() for o in outs)
+            )
+
+        def states() -> str:
+            counts: dict[str, int] = {}
+            for outs in sent.values():
+                for o in outs:
+                    counts[o.state] = counts.get(o.state, 0) + 1
+            return f"every message delivered: {counts}, shown " + str(
+                {name: len(s) for name, s in shown.items()})
+
+        try:
+            yield ensureDeferred(until(done, timeout=60, what="delivery"))
+        except AssertionError:
+            raise AssertionError(states()) from None
+        db = sqlite3.connect(restarted.database)
+        for name, msg_id in acknowledged:
+            entries = db.execute("SELECT count(*) FROM inbox WHERE msg_id = ?", (msg_id,))
+            self.assertEqual(entries.fetchone()[0], 1, (name, msg_id))
+        self.assertEqual(db.execute("SELECT count(*) FROM messages").fetchone()[0], everything)
+        db.close()
+        for i in range(pairs):
+            receiver = f"u{2 * i + 1}"
+            bodies = [m.body for m in shown[receiver]]
+            self.assertEqual(bodies, [f"u{2 * i}:{k}" for k in range(per_sender)], receiver)
+        yield restarted.stop()
+        pool.closeCachedConnections()
