@@ -62,7 +62,8 @@ class Messenger:
         self._acks: dict[Any, int] = {}
         self._scheduled = False
         self._gathering_since = 0.0
-        self._batch_size = 0  # messages and acks of the last batch
+        self._rate = 0.0  # messages and acks per second, recently
+        self._last_flush = 0.0
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
         # sessions with MSG_Ns waiting for ACK_R
@@ -110,14 +111,19 @@ class Messenger:
         """The first message or ack of the next batch is here.
 
         One batch is in the store at a time; the next one gathers what comes
-        meanwhile and goes when it lands.  With nothing in flight the batch
-        waits ``gather`` seconds, so that at low rates a commit carries
-        several messages rather than one (each commit has a fixed cost).
+        meanwhile and goes when it lands.  At low rates a batch waits
+        ``gather`` seconds from its first message, so that a commit carries
+        several messages rather than one: each commit has a fixed cost.
         """
         self._scheduled = True
         self._gathering_since = self.clock.seconds()
         if not self._in_flight:
-            self.clock.callLater(self.gather, self.flush)
+            self.clock.callLater(self._window(), self.flush)
+
+    def _window(self) -> float:
+        """How long a batch waits for company: ``gather`` at low rates, none
+        when a window at the recent rate would hold a full batch anyway."""
+        return 0.0 if self._rate * self.gather >= FULL_BATCH else self.gather
 
     def flush(self) -> None:
         """Hand what has gathered to the store as one batch."""
@@ -128,9 +134,14 @@ class Messenger:
         acks, self._acks = self._acks, {}
         if not messages and not acks:
             return
-        now = int(self.clock.seconds())
+        seconds = self.clock.seconds()
+        now = int(seconds)
         self._in_flight += 1
-        self._batch_size = len(messages) + len(acks)
+        # the recent rate of messages and acks, smoothed over a few batches
+        elapsed = seconds - self._last_flush
+        if self._last_flush and elapsed > 0:
+            self._rate += 0.25 * ((len(messages) + len(acks)) / elapsed - self._rate)
+        self._last_flush = seconds
         d = self.store.deliver(
             [(s.uid, cmid, to, body, kind) for s, cmid, to, body, kind in messages],
             [(s.uid, seq) for s, seq in acks.items()],
@@ -197,10 +208,10 @@ class Messenger:
     def _landed(self, _: object) -> None:
         self._in_flight -= 1
         if self._messages or self._acks:
-            # Under load (the batch that landed was full) the next goes at
-            # once; at low rates it waits out the rest of its window.
-            wait = self._gathering_since + self.gather - self.clock.seconds()
-            if wait > 0 and self._batch_size < FULL_BATCH:
+            # under load the next batch goes at once; at low rates it waits
+            # out the rest of its window
+            wait = self._gathering_since + self._window() - self.clock.seconds()
+            if wait > 0:
                 self.clock.callLater(wait, self.flush)
             else:
                 self.flush()
