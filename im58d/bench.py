@@ -76,7 +76,7 @@ def percentile(values: list[float], p: float) -> float:
 class Daemon:
     """A daemon of the bench's own, on a fresh database in a temporary directory."""
 
-    def __init__(self, users: int, keep: bool = False) -> None:
+    def __init__(self, users: int, keep: bool = False, config: str | None = None) -> None:
         self.directory = tempfile.mkdtemp(prefix="im58d-bench-")
         self.keep = keep
         self.database = os.path.join(self.directory, "im58d.sqlite")
@@ -94,7 +94,8 @@ class Daemon:
         self.log = open(os.path.join(self.directory, "daemon.log"), "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile", "", "im58d", "--database", self.database,
+             "-n", "--pidfile", "", "im58d", *(["--config", config] if config else []),
+             "--database", self.database,
              "--access", f"tcp:{self.port}:interface=127.0.0.1",
              "--http", f"tcp:{self.http_port}:interface=127.0.0.1"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=self.directory,
@@ -358,6 +359,8 @@ def parser() -> argparse.ArgumentParser:
                                     "users bench0.. with password 'bench' (see --database)")
     p.add_argument("--server-pid", type=int, help="with --target: the daemon's pid, for CPU")
     p.add_argument("--keep", action="store_true", help="keep the bench daemon's directory")
+    p.add_argument("--daemon-config", help="config file for the bench's own daemon "
+                                           "(its database and listeners are the bench's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -376,7 +379,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     def start() -> tuple[int, int | None, Daemon | None]:
         if args.target:
             return int(args.target.rpartition(":")[2]), args.server_pid, None
-        daemon = Daemon(users, args.keep)
+        daemon = Daemon(users, args.keep, args.daemon_config)
         return daemon.port, daemon.pid, daemon
 
     if args.mode in ("all", "bytes", "full", "paced"):

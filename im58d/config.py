@@ -42,7 +42,7 @@ class Config:
     max_body: int = 4096
     friends_only: bool = False
     retransmit: int = 10
-    batch_window: int = 10
+    batch_window: int = 20
     # [admin]
     admin_token: str = ""
     # [routing]

@@ -121,9 +121,11 @@ class Messenger:
             self.clock.callLater(self._window(), self.flush)
 
     def _window(self) -> float:
-        """How long a batch waits for company: ``gather`` at low rates, none
-        when a window at the recent rate would hold a full batch anyway."""
-        return 0.0 if self._rate * self.gather >= FULL_BATCH else self.gather
+        """How long a batch waits for company: ``gather``, or less when a full
+        batch gathers sooner at the recent rate (under load, next to nothing)."""
+        if self._rate * self.gather > FULL_BATCH:
+            return FULL_BATCH / self._rate
+        return self.gather
 
     def flush(self) -> None:
         """Hand what has gathered to the store as one batch."""
