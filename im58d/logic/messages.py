@@ -27,6 +27,8 @@ log = Logger()
 
 # messages and acks that make a batch worth a commit without waiting
 FULL_BATCH = 64
+# batches handed to the store and not yet committed
+MAX_IN_FLIGHT = 2
 
 
 def body_size(body: str | bytes, limit: int) -> int:
@@ -110,14 +112,16 @@ class Messenger:
     def _arrived(self) -> None:
         """The first message or ack of the next batch is here.
 
-        One batch is in the store at a time; the next one gathers what comes
-        meanwhile and goes when it lands.  At low rates a batch waits
-        ``gather`` seconds from its first message, so that a commit carries
-        several messages rather than one: each commit has a fixed cost.
+        At most two batches are in the store: while one commits, the next
+        waits in the store's queue, so the database thread goes straight on
+        to it; further messages gather meanwhile.  At low rates a batch waits
+        up to ``gather`` seconds from its first message, so that a commit
+        carries several messages rather than one: each commit has a fixed
+        cost.
         """
         self._scheduled = True
         self._gathering_since = self.clock.seconds()
-        if not self._in_flight:
+        if self._in_flight < MAX_IN_FLIGHT:
             self.clock.callLater(self._window(), self.flush)
 
     def _window(self) -> float:
@@ -129,8 +133,8 @@ class Messenger:
 
     def flush(self) -> None:
         """Hand what has gathered to the store as one batch."""
-        if self._in_flight:
-            return  # it goes when the batch in flight lands
+        if self._in_flight >= MAX_IN_FLIGHT:
+            return  # it goes when a batch in flight lands
         self._scheduled = False
         messages, self._messages = self._messages, []
         acks, self._acks = self._acks, {}
