@@ -1,8 +1,8 @@
 """The message path: MSG_R → commit → MSG_A, MSG_N → ACK_R → ACK_A, ACK_N.
 
-Everything that arrives in one reactor turn (messages and acks from every
-connection) goes to the store as one batch, committed in one transaction;
-only when it is committed do MSG_A, MSG_N, ACK_A and ACK_N go out.  The
+Messages and acks from every connection gather into batches (see
+``Messenger._arrived``); a batch is committed in one transaction, and only
+when it is committed do its MSG_A, MSG_N, ACK_A and ACK_N go out.  The
 Messenger keeps, per session, the MSG_Ns sent on the live connection and not
 yet acked, and sends them again when the ack is late.
 """
