@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
+import sys
 from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import reactor, task
-from twisted.internet.defer import ensureDeferred, inlineCallbacks
+from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -17,7 +20,7 @@ from im58d.client.client import _Wire
 from im58d.wire import Decoder, encode
 from im58d.wire import packets as P
 
-from .e2e import Daemon, admin, connect, free_port, until
+from .e2e import ROOT, Daemon, admin, connect, environment, free_port, until
 
 
 class Recorder:
@@ -65,7 +68,9 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             return n, pos
 
 
-class MessageFlowTests(TestCase):
+class DaemonWithUsers(TestCase):
+    """A daemon on fresh ports with the users alice and bob (password "pw")."""
+
     timeout = 120
 
     @inlineCallbacks
@@ -93,6 +98,8 @@ class MessageFlowTests(TestCase):
         self.addCleanup(client.stop)
         return client
 
+
+class MessageFlowTests(DaemonWithUsers):
     @inlineCallbacks
     def test_six_packets_byte_for_byte(self) -> Any:
         """Two real clients on a fresh database: 你好 travels in exactly the six
@@ -254,3 +261,56 @@ class DurabilityTests(TestCase):
             self.assertEqual(bodies, [f"u{2 * i}:{k}" for k in range(per_sender)], receiver)
         yield restarted.stop()
         pool.closeCachedConnections()
+
+
+class TerminalClient(ProcessProtocol):
+    """``im58d-client`` in a subprocess, fed lines on its standard input."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+    def stop(self) -> Deferred[None]:
+        """For addCleanup: end the client if the test left it running."""
+        if not self.ended.called:
+            self.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        return self.ended
+
+
+class TerminalClientTests(DaemonWithUsers):
+    @inlineCallbacks
+    def test_terminal_client(self) -> Any:
+        """A person runs im58d-client: it logs in, shows a message that arrives
+        and sends one typed as "UID text", whose delivery it reports."""
+        bob_state = os.path.abspath(self.mktemp())
+        terminal = TerminalClient()
+        reactor.spawnProcess(
+            terminal, sys.executable,
+            [sys.executable, "-m", "im58d.client.cli", "--user", "bob", "--password", "pw",
+             "--server", f"127.0.0.1:{self.daemon.access_port}",
+             "--http", f"http://127.0.0.1:{self.daemon.http_port}", "--state", bob_state],
+            env=environment(), path=ROOT,
+        )
+        self.addCleanup(terminal.stop)
+        yield ensureDeferred(until(lambda: b"logged in as bob" in terminal.output, what="login"))
+        alice = self.client("alice")
+        yield alice.start()
+        alice.send(self.uids["bob"], "hello from alice")
+        yield ensureDeferred(until(lambda: b"hello from alice" in terminal.output,
+                                   what="the message on the terminal"))
+        self.assertIn(f"{self.uids['alice']}: hello from alice".encode(), terminal.output)
+        terminal.transport.write(f"{self.uids['alice']} hi alice\n".encode())  # type: ignore[union-attr]
+        shown = alice.shown  # type: ignore[attr-defined]
+        yield ensureDeferred(until(lambda: [m.body for m in shown] == ["hi alice"],
+                                   what="bob's answer"))
+        yield ensureDeferred(until(lambda: b"delivered" in terminal.output, what="receipt"))
+        terminal.transport.write(b"/quit\n")  # type: ignore[union-attr]
+        yield terminal.ended
