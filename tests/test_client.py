@@ -214,6 +214,17 @@ class SDKTestCase(SynchronousTestCase):
         return self.count("SELECT count(*) FROM inbox WHERE uid = ?", uid)
 
 
+class TwoDevices(SDKTestCase):
+    """alice and bob, each on an SDK client that has logged in."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.alice = self.device("alice")
+        self.bob = self.device("bob")
+        self.start(self.alice)
+        self.start(self.bob)
+
+
 class StartTests(SDKTestCase):
     def test_start_fires_after_welcome(self) -> None:
         """start() fires only once WELCOME has come; then the client knows its
@@ -261,14 +272,7 @@ class StartTests(SDKTestCase):
         self.assertFalse(alice.client.connected)
 
 
-class SendTests(SDKTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self.alice = self.device("alice")
-        self.bob = self.device("bob")
-        self.start(self.alice)
-        self.start(self.bob)
-
+class SendTests(TwoDevices):
     def test_sent_stored_delivered(self) -> None:
         """send() gives an Outgoing that is "sent" at once, "stored" with its
         msg_id when MSG_A comes and "delivered" when the receiver's SDK has
@@ -303,14 +307,7 @@ class SendTests(SDKTestCase):
         self.assertEqual([m.body for m in self.bob.shown], [b"\x00\xff"])
 
 
-class AckWaitTests(SDKTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self.alice = self.device("alice")
-        self.bob = self.device("bob")
-        self.start(self.alice)
-        self.start(self.bob)
-
+class AckWaitTests(TwoDevices):
     def test_msg_a_lost_in_a_drop(self) -> None:
         """A MSG_R that reached the server but whose MSG_A was lost when the
         connection broke is sent again after the reconnect; the server answers
@@ -415,14 +412,7 @@ class AckWaitTests(SDKTestCase):
         self.assertEqual(self.h.messenger.received, 1)
 
 
-class ReceiverDedupTests(SDKTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self.alice = self.device("alice")
-        self.bob = self.device("bob")
-        self.start(self.alice)
-        self.start(self.bob)
-
+class ReceiverDedupTests(TwoDevices):
     def test_server_retransmit_shown_once(self) -> None:
         """When the receiver's ACK_R is lost, the server sends the MSG_N again;
         the SDK does not show it again but acks it again, and that ack gets

@@ -34,6 +34,23 @@ class TwoUsers(SynchronousTestCase):
         self.bob.login("bob")
 
 
+class HeldCommit:
+    """The store keeps the first batch it gets uncommitted until release()."""
+
+    def __init__(self, test: SynchronousTestCase, harness: Harness) -> None:
+        self.commit: Deferred[Any] = Deferred()
+        self.real = harness.store.deliver
+        self.calls: list[Any] = []
+        test.patch(harness.store, "deliver", self._deliver)
+
+    def _deliver(self, *args: Any) -> Deferred[Any]:
+        self.calls.append(args)
+        return self.commit if len(self.calls) == 1 else self.real(*args)
+
+    def release(self) -> None:
+        self.real(*self.calls[0]).chainDeferred(self.commit)
+
+
 class SixPacketTests(TwoUsers):
     def test_the_six_packets(self) -> None:
         """MSG_R → MSG_A to the sender, MSG_N to the receiver; ACK_R → ACK_A to
@@ -55,20 +72,10 @@ class SixPacketTests(TwoUsers):
 
     def test_msg_a_only_after_commit(self) -> None:
         """MSG_A and MSG_N wait for the commit that holds the message."""
-        commit: Deferred[Any] = Deferred()
-        real = self.h.store.deliver
-        held: list[Any] = []
-
-        def deliver(*args: Any) -> Deferred[Any]:
-            held.append(args)
-            return commit
-
-        restore = self.patch(self.h.store, "deliver", deliver)
+        held = HeldCommit(self, self.h)
         self.alice.send(P.MsgR(7, self.bob_uid, "hi"))
         self.assertEqual((self.alice.received(), self.bob.received()), ([], []))
-        restore.restore()
-        d = real(*held[0])
-        d.chainDeferred(commit)
+        held.release()
         self.h.turn()
         self.assertEqual([type(p) for p in self.alice.received()], [P.MsgA])
         self.assertEqual([type(p) for p in self.bob.received()], [P.MsgN])
@@ -490,25 +497,17 @@ class BatchWindowTests(TwoUsers):
 
     def test_next_batch_after_a_small_one_waits(self) -> None:
         """What arrives while a small batch is stored waits out its own window."""
-        commit: Deferred[Any] = Deferred()
-        real = self.h.store.deliver
-        calls: list[Any] = []
-
-        def deliver(*args: Any) -> Deferred[Any]:
-            calls.append(args)
-            return commit if len(calls) == 1 else real(*args)
-
-        self.patch(self.h.store, "deliver", deliver)
+        held = HeldCommit(self, self.h)
         self.alice.send(P.MsgR(1, self.bob_uid, "first"))
         self.h.reactor.advance(0.01)
-        self.assertEqual(len(calls), 1)
+        self.assertEqual(len(held.calls), 1)
         self.alice.send(P.MsgR(2, self.bob_uid, "second"))
-        real(*calls[0]).chainDeferred(commit)
+        held.release()
         self.h.turn()
-        self.assertEqual(len(calls), 1)  # waiting for its window
+        self.assertEqual(len(held.calls), 1)  # waiting for its window
         self.h.reactor.advance(0.01)
         self.h.turn()
-        self.assertEqual(len(calls), 2)
+        self.assertEqual(len(held.calls), 2)
 
     def test_window_shrinks_under_load(self) -> None:
         """When messages come fast, a batch waits only as long as a full batch

@@ -13,11 +13,15 @@ from .resource import AuthResource, HTTPError, b64, field, json_body, query_int,
 MAX_STATUS_IDS = 1000
 
 
-class InboxResource(AuthResource):
+class StoreResource(AuthResource):
+    """A resource for a logged-in user that reads the store."""
+
     def __init__(self, router: Any, store: IStore) -> None:
         super().__init__(router)
         self.store = store
 
+
+class InboxResource(StoreResource):
     def render_GET(self, request: Request) -> Deferred[bytes]:
         uid = self.session(request).uid
         after = query_int(request, "after", 0, 0, (1 << 63) - 1)
@@ -38,11 +42,7 @@ class InboxResource(AuthResource):
         return respond(request, {"messages": messages, "max": inbox_max})
 
 
-class StatusResource(AuthResource):
-    def __init__(self, router: Any, store: IStore) -> None:
-        super().__init__(router)
-        self.store = store
-
+class StatusResource(StoreResource):
     def render_POST(self, request: Request) -> Deferred[bytes]:
         uid = self.session(request).uid
         msg_ids = field(json_body(request), "msg_ids", list)
