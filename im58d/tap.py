@@ -170,7 +170,7 @@ def _access_service(factory: AccessFactory, messenger: Messenger, reactor: Any) 
     @inlineCallbacks
     def stop() -> Any:
         for connection in list(factory.connections):
-            connection.pauseProducing()
+            connection.stop_reading()
         yield messenger.drain()
         factory.kick_all(P.KICKED_SHUTDOWN)
         yield factory.wait_closed(SHUTDOWN_GRACE)

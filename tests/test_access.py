@@ -350,6 +350,27 @@ class SessionLifeTests(SynchronousTestCase):
         self.client.drop()
         self.assertIsNotNone(self.h.router.session_for(self.alice))
 
+    def test_client_that_does_not_read_is_dropped(self) -> None:
+        """A client that leaves the server's writes unread (its buffer stays
+        full) for a minute is dropped; its session lingers."""
+        self.client.protocol.pauseProducing()  # what the transport does
+        self.h.reactor.advance(60)
+        self.h.factory.sweep()
+        self.assertFalse(self.client.transport.disconnected)
+        self.h.reactor.advance(1)
+        self.h.factory.sweep()
+        self.assertTrue(self.client.transport.disconnected)
+
+    def test_a_client_that_reads_again_stays(self) -> None:
+        """A buffer that drains in time keeps the connection."""
+        self.client.protocol.pauseProducing()
+        self.h.reactor.advance(30)
+        self.client.protocol.resumeProducing()
+        self.h.reactor.advance(40)
+        self.client.send(P.Ping())
+        self.h.factory.sweep()
+        self.assertFalse(self.client.transport.disconnected)
+
     def test_login_timeout(self) -> None:
         """A connection that does not log in within login_timeout is closed."""
         idle = self.h.connect()

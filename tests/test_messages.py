@@ -8,6 +8,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
+from im58d.logic import messages as messages_module
 from im58d.store.interfaces import StoreError
 from im58d.wire import encode
 from im58d.wire import packets as P
@@ -225,6 +226,30 @@ class RetransmitTests(TwoUsers):
         self.h.messenger.resend_late()
         self.h.turn()
         self.assertEqual(self.bob.received(), msg_ns[2:])
+
+    def test_retransmit_in_rounds(self) -> None:
+        """Late MSG_Ns are sent again at most 64 per connection and round."""
+        self.alice.send(*[P.MsgR(i, self.bob_uid, f"m{i}") for i in range(1, 101)])
+        self.assertEqual(len(self.bob.received()), 100)
+        self.h.reactor.advance(10)
+        self.h.messenger.resend_late()
+        self.h.turn()
+        self.assertEqual([p.seq for p in self.bob.received()], list(range(1, 65)))
+        self.h.reactor.advance(1)
+        self.h.messenger.resend_late()
+        self.h.turn()
+        self.assertEqual([p.seq for p in self.bob.received()], list(range(65, 101)))
+
+    def test_client_that_never_acks_is_dropped(self) -> None:
+        """A connection that leaves 4,096 MSG_Ns unacked is dropped instead of
+        buffering more; the messages wait in the inbox."""
+        self.patch(messages_module, "MAX_UNACKED", 3)
+        self.alice.send(*[P.MsgR(i, self.bob_uid, f"m{i}") for i in range(1, 5)])
+        self.assertEqual([p.seq for p in self.bob.received()], [1, 2, 3])
+        self.assertTrue(self.bob.transport.disconnected)
+        self.assertEqual(
+            count(self.h, "SELECT max_seq FROM inboxes WHERE uid = ?", self.bob_uid), 4
+        )
 
     def test_no_retransmit_after_drop(self) -> None:
         """A dropped connection's unacked entries stay in the inbox for the

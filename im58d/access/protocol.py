@@ -32,6 +32,8 @@ log = Logger()
 
 PONG = encode(P.Pong())
 CLOSE_GRACE = 2.0
+# seconds a client may leave the server's writes unread (a full buffer)
+STALL_LIMIT = 60.0
 
 
 class Outbox:
@@ -76,6 +78,8 @@ class AccessProtocol(Protocol):
         self._closing = False
         self._lost = False
         self._socket: Any = None
+        # since when the client has not read what we write (None: it reads)
+        self._stalled_since: float | None = None
         # packets that arrived while a LOGIN was being checked
         self._held: list[Any] | None = None
         self._dispatch: dict[type, Callable[[Any], None]] = {
@@ -129,14 +133,21 @@ class AccessProtocol(Protocol):
     # not reading; stop reading from it until it catches up.
 
     def pauseProducing(self) -> None:
+        if self._stalled_since is None:
+            self._stalled_since = self.factory.clock.seconds()
         self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def resumeProducing(self) -> None:
+        self._stalled_since = None
         if not self._closing:
             self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def stopProducing(self) -> None:
         pass
+
+    def stop_reading(self) -> None:
+        """Read nothing more from this client (the server is stopping)."""
+        self.transport.pauseProducing()  # type: ignore[union-attr]
 
     # IConnection
 
@@ -328,12 +339,17 @@ class AccessFactory(Factory[AccessProtocol]):
         return dispatch
 
     def sweep(self) -> None:
-        """Close connections that went silent (housekeeping)."""
+        """Close connections that went silent, or that have not read what the
+        server wrote for STALL_LIMIT seconds (housekeeping).  Their sessions
+        linger; what was not delivered is in the inbox."""
         now = self.clock.seconds()
         idle = self.idle_timeout
         for connection in list(self.connections):
             limit = idle if connection.session is not None else self.login_timeout
-            if now - connection.last_seen > limit:
+            stalled = connection._stalled_since
+            if now - connection.last_seen > limit or (
+                stalled is not None and now - stalled > STALL_LIMIT
+            ):
                 connection.abort()
 
     def kick_all(self, reason: int) -> None:

@@ -20,6 +20,9 @@ class IConnection(Interface):
     def kick(reason: int) -> None:
         """Send KICKED ``reason`` and close."""
 
+    def abort() -> None:
+        """Drop the connection at once (its session lingers)."""
+
 
 class ISession(Interface):
     """A user's session; it outlives the connections that carry it."""

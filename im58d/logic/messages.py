@@ -29,6 +29,10 @@ log = Logger()
 FULL_BATCH = 64
 # batches handed to the store and not yet committed
 MAX_IN_FLIGHT = 2
+# MSG_Ns a connection may leave unacked before it is dropped
+MAX_UNACKED = 4096
+# late MSG_Ns sent again per connection and round
+RESEND_AT_ONCE = 64
 
 
 def body_size(body: str | bytes, limit: int) -> int:
@@ -227,11 +231,16 @@ class Messenger:
                 d.callback(None)
 
     def _push(self, session: Any, seq: int, msg_n: bytes, now: float) -> None:
-        session.connection.send(msg_n)
-        self.pushed += 1
         unacked = session.unacked
         if unacked is None:
             unacked = session.unacked = deque()
+        elif len(unacked) >= MAX_UNACKED:
+            # A client that does not ack is dropped rather than buffered
+            # without end; it pulls what it missed after its next login.
+            session.connection.abort()
+            return
+        session.connection.send(msg_n)
+        self.pushed += 1
         if not unacked:
             self._awaiting.add(session)
         unacked.append((seq, msg_n, now))
@@ -239,7 +248,8 @@ class Messenger:
     # timers
 
     def resend_late(self) -> None:
-        """Send again every MSG_N whose ACK_R is later than ``retransmit`` s."""
+        """Send again the MSG_Ns whose ACK_R is later than ``retransmit``
+        seconds, at most RESEND_AT_ONCE per connection and round."""
         now = self.clock.seconds()
         due = now - self.retransmit
         for session in list(self._awaiting):
@@ -248,15 +258,17 @@ class Messenger:
             if not unacked or connection is None:
                 self._awaiting.discard(session)
                 continue
-            if unacked[0][2] > due:
-                continue
+            resent = 0
             for i in range(len(unacked)):
                 seq, msg_n, sent = unacked[i]
                 if sent > due:
-                    break
+                    continue
                 connection.send(msg_n)
                 unacked[i] = (seq, msg_n, now)
-                self.retransmitted += 1
+                resent += 1
+                if resent == RESEND_AT_ONCE:
+                    break
+            self.retransmitted += resent
 
     def drain(self) -> Deferred[None]:
         """Commit what is queued; fires when no batch is in flight (shutdown)."""
