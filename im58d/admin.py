@@ -38,6 +38,10 @@ class AdminError(Exception):
 
 
 def check_name(name: str) -> str:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdminError("names and passwords must be valid UTF-8") from None
     if not 0 < len(name) <= MAX_NAME_CHARS:
         raise AdminError(f"a user name has 1 to {MAX_NAME_CHARS} characters")
     if any(ch.isspace() or unicodedata.category(ch)[0] == "C" for ch in name):
@@ -177,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except sqlite3.Error as e:
         print(f"im58d-admin: database {path}: {e}", file=sys.stderr)
+        return 1
+    except UnicodeError:
+        print("im58d-admin: names and passwords must be valid UTF-8", file=sys.stderr)
         return 1
     if output:
         print(output)

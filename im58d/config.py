@@ -177,7 +177,24 @@ def parse_config(text: str, source: str = "<string>") -> Config:
                 values[attribute] = parse(raw.strip())
             except ValueError as e:
                 raise ConfigError(f"{source}: [{section}] {key}: {e}") from None
-    return Config(source=source, **values)
+    config = Config(source=source, **values)
+    check(config)
+    return config
+
+
+# what a MSG_R frame holds besides its body, at most
+MSG_R_OVERHEAD = 48
+
+
+def check(config: Config) -> None:
+    """Keys that must agree with each other."""
+    if config.max_body + MSG_R_OVERHEAD > config.max_frame:
+        raise ConfigError(
+            f"{config.source}: [messages] max_body: {config.max_body} does not fit in "
+            f"[listen] max_frame ({config.max_frame}); raise max_frame to at least "
+            f"{config.max_body + MSG_R_OVERHEAD}"
+        )
+
 
 
 def load_config(path: str) -> Config:
@@ -187,4 +204,3 @@ def load_config(path: str) -> Config:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     return parse_config(text, path)
-

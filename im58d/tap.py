@@ -16,7 +16,7 @@ from twisted.python import usage
 from . import __version__
 from .access.protocol import AccessFactory
 from .access.sessions import SessionManager
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, check, load_config
 from .logic.auth import Authenticator, LoginThrottle, ThreadedVerifier
 from .logic.messages import Messenger
 from .routing.iplist import IPList, server_from_endpoint
@@ -80,6 +80,15 @@ class Options(usage.Options):
         if self["http"]:
             overrides["http"] = tuple(self["http"])
         self.config = config.replace(**overrides)
+        try:
+            check(self.config)
+        except ConfigError as e:
+            raise SystemExit(f"im58d: {e}") from None
+        if self.config.routing_backend != "local":
+            raise SystemExit(
+                f"im58d: {self.config.source}: [routing] backend: "
+                f"{self.config.routing_backend} is not available in this version (use local)"
+            )
 
 
 class OrderedService(MultiService):

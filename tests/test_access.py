@@ -350,6 +350,30 @@ class SessionLifeTests(SynchronousTestCase):
         self.client.drop()
         self.assertIsNotNone(self.h.router.session_for(self.alice))
 
+    def test_pings_do_not_stand_in_for_a_login(self) -> None:
+        """A connection that only pings is still closed login_timeout after it
+        was opened."""
+        pinger = self.h.connect()
+        for _ in range(6):
+            self.h.reactor.advance(10)
+            pinger.send(P.Ping())
+            self.h.factory.sweep()
+        self.h.reactor.advance(1)
+        self.h.factory.sweep()
+        self.assertTrue(pinger.transport.disconnected)
+
+    def test_packets_held_behind_login_are_bounded(self) -> None:
+        """A client may queue only 32 packets behind a LOGIN being checked;
+        more is ERROR 400 and a close.  Reading stops meanwhile."""
+        self.h.auth._verify = lambda password, encoded: Deferred()
+        client = self.h.connect()
+        client.send(P.Login("alice", "secret", "phone"), *[P.Ping()] * 32)
+        self.assertEqual(client.transport.producerState, "paused")
+        self.assertFalse(client.closed)
+        client.send(P.Ping())
+        self.assertEqual([p.code for p in client.received()], [400])
+        self.assertTrue(client.closed)
+
     def test_client_that_does_not_read_is_dropped(self) -> None:
         """A client that leaves the server's writes unread (its buffer stays
         full) for a minute is dropped; its session lingers."""

@@ -190,6 +190,14 @@ class RealHashTests(AdminTestCase):
         super().setUp()
         self.patch(admin, "hash_password", hash_password)
 
+    def test_arguments_that_are_not_utf8(self) -> None:
+        """A password or name that is not valid UTF-8 (as a shell passes bytes)
+        is one line, not a traceback."""
+        line = self.fails("user", "add", "bob", "--password", "\udcff")
+        self.assertIn("UTF-8", line)
+        line = self.fails("user", "add", "b\udcffb", "--password", "pw")
+        self.assertIn("UTF-8", line)
+
     def test_stored_password_is_never_plain(self) -> None:
         """The password column holds a full-cost scrypt hash, never the
         password itself, and the password verifies against it."""

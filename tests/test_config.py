@@ -150,9 +150,10 @@ class ParseTests(SynchronousTestCase):
             "[listen]\nmax_frame = 1024\n"
             "[session]\nlogin_timeout = 30\n"
             "[login]\nuser_attempts = 3\naddress_attempts = 50\nattempt_window = 60\n"
-            "[messages]\nretransmit = 5\n"
+            "[messages]\nretransmit = 5\nmax_body = 512\nbatch_window = 0\n"
         )
         self.assertEqual(config.synchronous, "full")
+        self.assertEqual((config.max_body, config.batch_window), (512, 0))
         self.assertEqual(config.max_frame, 1024)
         self.assertEqual(config.login_timeout, 30)
         self.assertEqual(
@@ -196,6 +197,15 @@ class ParseTests(SynchronousTestCase):
         """``[admin] token`` is kept as written; empty means no token."""
         self.assertEqual(parse_config("[admin]\ntoken = abc-123\n").admin_token, "abc-123")
         self.assertEqual(parse_config("[admin]\ntoken =\n").admin_token, "")
+
+    def test_max_body_must_fit_a_frame(self) -> None:
+        """A max_body that a frame of max_frame bytes cannot carry is refused,
+        naming both keys."""
+        error = self.assertRaises(
+            ConfigError, parse_config, "[listen]\nmax_frame = 4096\n"
+        )
+        self.assertIn("[messages] max_body", str(error))
+        self.assertIn("[listen] max_frame", str(error))
 
     def test_routing(self) -> None:
         """``[routing] backend`` is local or redis; ``redis`` is an endpoint."""
@@ -438,6 +448,16 @@ class OptionsTests(ConfigFileTestCase):
         self.assertTrue(message.startswith("im58d:"), message)
         self.assertNotIn("\n", message)
         self.assertIn("[listen] port", message)
+
+    def test_redis_backend_not_available_yet(self) -> None:
+        """backend = redis is a contract value this version cannot run: the
+        start stops with one line naming the key."""
+        path = self.write_config("[routing]\nbackend = redis\n")
+        with self.assertRaises(SystemExit) as caught:
+            self.parse("--config", path)
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertIn("[routing] backend", message)
 
     def test_missing_config_file_is_one_line(self) -> None:
         """A config file that cannot be read stops the start with one line."""

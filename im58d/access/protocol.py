@@ -34,6 +34,8 @@ PONG = encode(P.Pong())
 CLOSE_GRACE = 2.0
 # seconds a client may leave the server's writes unread (a full buffer)
 STALL_LIMIT = 60.0
+# packets a client may send behind LOGIN before WELCOME
+MAX_HELD = 32
 
 
 class Outbox:
@@ -111,6 +113,9 @@ class AccessProtocol(Protocol):
         try:
             for packet in self.decoder.feed(data):
                 if self._held is not None:
+                    if len(self._held) >= MAX_HELD:
+                        self.close(400, "too many packets before WELCOME")
+                        return
                     self._held.append(packet)
                     continue
                 self._dispatch.get(type(packet), self._unexpected)(packet)
@@ -144,6 +149,11 @@ class AccessProtocol(Protocol):
 
     def stopProducing(self) -> None:
         pass
+
+    @property
+    def congested(self) -> bool:
+        """Whether the client leaves what the server writes unread."""
+        return self._stalled_since is not None
 
     def stop_reading(self) -> None:
         """Read nothing more from this client (the server is stopping)."""
@@ -250,7 +260,10 @@ class AccessProtocol(Protocol):
         self.send(PONG)
 
     def _on_login(self, packet: P.Login) -> None:
+        # Until the login is decided, packets behind it wait, and no more
+        # is read (the check may take a while).
         self._held = []
+        self.transport.pauseProducing()  # type: ignore[union-attr]
         d = self.factory.sessions.login(
             packet.user,
             packet.password,
@@ -281,6 +294,8 @@ class AccessProtocol(Protocol):
 
     def _release_held(self) -> None:
         held, self._held = self._held or [], None
+        if not self._closing:
+            self.transport.resumeProducing()  # type: ignore[union-attr]
         for packet in held:
             if self._closing:
                 return
@@ -345,11 +360,12 @@ class AccessFactory(Factory[AccessProtocol]):
         now = self.clock.seconds()
         idle = self.idle_timeout
         for connection in list(self.connections):
-            limit = idle if connection.session is not None else self.login_timeout
+            if connection.session is None:
+                late = now - connection.connected_at > self.login_timeout
+            else:
+                late = now - connection.last_seen > idle
             stalled = connection._stalled_since
-            if now - connection.last_seen > limit or (
-                stalled is not None and now - stalled > STALL_LIMIT
-            ):
+            if late or (stalled is not None and now - stalled > STALL_LIMIT):
                 connection.abort()
 
     def kick_all(self, reason: int) -> None:

@@ -9,6 +9,7 @@ class IConnection(Interface):
     """A client's live connection, as the logic layer sees it."""
 
     address = Attribute("The peer's address, for logs and attempt limiting.")
+    congested = Attribute("True while the client leaves what is written unread.")
 
     def send(frame: bytes) -> None:
         """Queue an encoded frame; queued frames go out together, one write

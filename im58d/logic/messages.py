@@ -258,6 +258,8 @@ class Messenger:
             if not unacked or connection is None:
                 self._awaiting.discard(session)
                 continue
+            if connection.congested:
+                continue  # what was sent has not even been read yet
             resent = 0
             for i in range(len(unacked)):
                 seq, msg_n, sent = unacked[i]
