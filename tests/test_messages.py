@@ -182,6 +182,22 @@ class AckTests(TwoUsers):
         self.bob.send(P.AckR(99))
         self.assertEqual(self.bob.received(), [P.AckA(1)])
 
+    def test_ack_past_the_head_does_not_cover_the_same_batch(self) -> None:
+        """An ACK_R past the inbox head covers only what was committed before
+        it: a message stored in the same batch stays unacked, and its sender
+        gets no ACK_N."""
+        self.alice.send(P.MsgR(1, self.bob_uid, "seen"))
+        self.bob.received()
+        self.alice.received()
+        self.alice.protocol.dataReceived(encode(P.MsgR(2, self.bob_uid, "not yet seen")))
+        self.bob.protocol.dataReceived(encode(P.AckR(99)))
+        self.h.turn()
+        self.assertEqual([p for p in self.bob.received() if isinstance(p, P.AckA)], [P.AckA(1)])
+        self.assertEqual([type(p) for p in self.alice.received()], [P.MsgA, P.AckN])
+        self.assertEqual(
+            count(self.h, "SELECT acked_seq FROM inboxes WHERE uid = ?", self.bob_uid), 1
+        )
+
     def test_ack_n_to_a_reconnected_sender(self) -> None:
         """ACK_N goes to the sender's current connection."""
         self.alice.send(P.MsgR(1, self.bob_uid, "m"))

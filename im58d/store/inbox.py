@@ -126,6 +126,8 @@ def deliver_txn(
             execute, "SELECT uid, max_seq, acked_seq FROM inboxes WHERE uid IN ({})", list(uids)
         )
     }
+    # an ack can only cover what was committed before this batch
+    ackable = {uid: head[0] for uid, head in heads.items()}
     touched: set[int] = set()
     # 3. seqs and ids
     next_id = (execute("SELECT max(id) FROM messages").fetchone()[0] or 0) + 1
@@ -178,7 +180,7 @@ def deliver_txn(
                     inbox_rows.append((uid, head[0], msg_id))
                     deliveries.append((uid, head[0]))
             results[i] = (STORED, msg_id, now, tuple(deliveries))
-    # 4. acks: move the cursors (never past the head)
+    # 4. acks: move the cursors (never past the head as it was before)
     ack_results: list[AckResult] = []
     spans: list[tuple[int, int, int, int]] = []  # (result index, uid, from, to)
     for uid, seq in acks:
@@ -186,7 +188,7 @@ def deliver_txn(
         if head is None:
             ack_results.append((uid, 0, ()))
             continue
-        upto = min(seq, head[0])
+        upto = min(seq, ackable[uid])
         acked = head[1]
         if upto <= acked:
             ack_results.append((uid, acked, ()))
