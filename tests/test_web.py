@@ -6,6 +6,7 @@ import gzip
 from typing import Any
 
 from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
@@ -93,3 +94,42 @@ class WebTests(SynchronousTestCase):
         self.assertEqual(response.code, 405)
         self.assertEqual(response.headers.getRawHeaders("allow"), ["GET, HEAD"])
         self.assertIn(b'"code":"method_not_allowed"', body)
+
+
+class BadRequestTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+
+    def test_deep_json(self) -> None:
+        """A body nested too deep for the JSON parser is a JSON 400, not a 500."""
+        deep = "[" * 30000 + "]" * 30000  # under 64 KiB
+        response = self.successResultOf(
+            self.h.treq.post("http://im58d.test/v1/login", data=deep.encode())
+        )
+        body = self.successResultOf(response.json())
+        self.assertEqual((response.code, body["error"]["code"]), (400, "bad_request"))
+
+    def test_body_over_64_kib(self) -> None:
+        """A body over 64 KiB is a JSON 413."""
+        response = self.successResultOf(
+            self.h.treq.post("http://im58d.test/v1/login", data=b" " * (64 * 1024 + 1))
+        )
+        self.assertEqual(response.code, 413)
+
+    def test_body_over_a_mebibyte_drops_the_connection(self) -> None:
+        """A body past 1 MiB is not read to its end: the connection is dropped."""
+        channel = self.h.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"POST /v1/login HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n"
+        )
+        for _ in range(20):
+            channel.dataReceived(b" " * 65536)
+        self.assertTrue(transport.disconnected)
+
+    def test_extra_path_segments(self) -> None:
+        """A path below a resource that has no children is a JSON 404."""
+        response = self.successResultOf(self.h.treq.get("http://im58d.test/v1/inbox/extra"))
+        body = self.successResultOf(response.json())
+        self.assertEqual((response.code, body["error"]["code"]), (404, "not_found"))

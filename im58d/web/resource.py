@@ -81,6 +81,9 @@ class JSONResource(Resource):
     isLeaf = True
 
     def render(self, request: Request) -> Any:
+        if request.postpath and any(request.postpath):
+            path = request.path.decode("utf-8", "replace")
+            return error_body(request, HTTPError(404, "not_found", f"no resource at {path}"))
         method = request.method.decode("ascii", "replace")
         if method == "HEAD":
             method = "GET"
@@ -97,6 +100,8 @@ class JSONResource(Resource):
             result = handler(request)
         except HTTPError as e:
             return error_body(request, e)
+        except Exception:
+            return _error_or_500(Failure(), request)
         if isinstance(result, Deferred):
             result.addErrback(_error_or_500, request)
             result.addCallback(_finish, request)
@@ -120,6 +125,7 @@ def _finish(body: bytes, request: Request) -> None:
 
 
 MAX_BODY = 64 * 1024
+MAX_REQUEST = 1024 * 1024
 
 
 def b64(data: bytes) -> str:
@@ -135,8 +141,8 @@ def json_body(request: Request, max_bytes: int = MAX_BODY) -> dict[str, Any]:
         raise HTTPError(413, "too_large", f"request body over {max_bytes} bytes")
     try:
         value = json.loads(data)
-    except ValueError:
-        raise HTTPError(400, "bad_request", "the body is not JSON") from None
+    except (ValueError, RecursionError):
+        raise HTTPError(400, "bad_request", "the body is not JSON (or nests too deep)") from None
     if not isinstance(value, dict):
         raise HTTPError(400, "bad_request", "the body must be a JSON object")
     return value
@@ -193,6 +199,21 @@ class AuthResource(JSONResource):
             request.setHeader(b"www-authenticate", b"Bearer")
             raise HTTPError(401, "unauthorized", "log in first (Authorization: Bearer TOKEN)")
         return session
+
+
+class BoundedRequest(Request):
+    """A request whose body may not exceed MAX_REQUEST bytes: past that the
+    connection is dropped while the body is still coming, before it fills
+    memory or disk (bodies past MAX_BODY get a JSON 413 from the resource)."""
+
+    received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > MAX_REQUEST:
+            self.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        super().handleContentChunk(data)
 
 
 class NotFound(JSONResource):

@@ -9,7 +9,7 @@ from twisted.web.server import Request, Site
 from ..routing.iplist import IPList
 from ..store.interfaces import IStore
 from .inbox import InboxResource, StatusResource
-from .resource import Directory, JSONResource, not_modified, respond
+from .resource import BoundedRequest, Directory, JSONResource, not_modified, respond
 from .session import LoginResource
 
 
@@ -39,6 +39,6 @@ def make_root(iplist: IPList, sessions: Any, store: IStore) -> Directory:
 
 
 def make_site(iplist: IPList, sessions: Any, store: IStore) -> Site:
-    site = Site(make_root(iplist, sessions, store))
+    site = Site(make_root(iplist, sessions, store), requestFactory=BoundedRequest)
     site.displayTracebacks = False
     return site
