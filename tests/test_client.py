@@ -596,6 +596,34 @@ class StatusTests(SDKTestCase):
 
 
 class RefusalTests(SDKTestCase):
+    def test_body_over_the_limit_fails_at_once(self) -> None:
+        """A body the server would refuse fails at once, takes no cmid and is
+        never sent."""
+        alice = self.device("alice")
+        self.start(alice)
+        out = alice.client.send(self.bob_uid, "x" * 4097)
+        self.assertEqual((out.state, out.cmid), (FAILED, 0))
+        self.assertEqual(out.error, (413, "body over 4096 bytes"))
+        self.assertEqual(alice.client.waiting, {})
+        fits = alice.client.send(self.bob_uid, "é" * 2048)
+        self.settle()
+        self.assertEqual((fits.cmid, fits.state), (1, STORED))
+
+    def test_locked_out_client_keeps_trying(self) -> None:
+        """When reconnecting meets 429 (someone guessed the password wrong too
+        often), the client waits and tries again rather than stopping."""
+        alice = self.device("alice")
+        self.start(alice)
+        for _ in range(5):
+            self.h.throttle.attempt("alice", "10.6.6.6")
+            self.h.throttle.finished("alice", "10.6.6.6", False)
+        alice.link.cut()
+        self.wait(3)
+        self.assertFalse(alice.client.connected)
+        self.h.reactor.advance(900)  # the failures age out
+        self.wait(60)
+        self.assertTrue(alice.client.connected)
+
     def test_unknown_receiver(self) -> None:
         """A message to a uid that does not exist ends FAILED with the server's
         404, leaves the ack-wait queue and is never sent again; the connection

@@ -124,6 +124,7 @@ class Client:
         min_backoff: float = 0.25,
         max_backoff: float = 30.0,
         http: Any = None,
+        max_body: int = 4096,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
@@ -139,6 +140,7 @@ class Client:
         self.resend_after = resend_after
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        self.max_body = max_body
         self.http = http or HTTPClient(Agent(reactor))
         # session
         self.uid: int | None = None
@@ -182,7 +184,17 @@ class Client:
         return self._started
 
     def send(self, to: int, body: str | bytes, kind: int = P.KIND_USER) -> Outgoing:
-        """Send a message; it is queued until the server has stored it."""
+        """Send a message; it is queued until the server has stored it.
+
+        A body over ``max_body`` bytes (the server's limit) fails at once,
+        without a cmid: the server would refuse it.
+        """
+        size = len(body.encode("utf-8")) if isinstance(body, str) else len(body)
+        if size > self.max_body:
+            outgoing = Outgoing(0, to, body, kind)
+            outgoing.error = (413, f"body over {self.max_body} bytes")
+            self._set(outgoing, FAILED)
+            return outgoing
         cmid = self.state.take_cmid()
         self.state.unsent[cmid] = (to, body, kind)
         self.state.save()
@@ -303,8 +315,14 @@ class Client:
                 outgoing.error = (error.code, error.message)
                 self._set(outgoing, FAILED)
             return  # 503 and the like: it is sent again
-        if not self._logged_in and error.code in (401, 403, 429):
+        if not self._logged_in and error.code in (401, 403):
             self._fatal(LoginFailed(error.code, error.message))
+        elif not self._logged_in and error.code == 429:
+            if self._started is not None:  # the first login: the app decides
+                self._fatal(LoginFailed(error.code, error.message))
+            else:  # too many failed attempts (maybe not ours): wait, then again
+                log.warn("login refused for now (429); trying again later")
+                self._backoff = max(self._backoff, self.max_backoff)
         else:
             log.warn("server error {code}: {message}", code=error.code, message=error.message)
 
