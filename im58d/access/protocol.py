@@ -302,8 +302,8 @@ class AccessProtocol(Protocol):
             self._dispatch.get(type(packet), self._unexpected)(packet)
 
     def _on_resume(self, packet: P.Resume) -> None:
-        # No session survives a restart of this version; the client falls
-        # back to LOGIN.
+        # This version does not resume sessions yet: ERROR 409, on which the
+        # contract has the client fall back to LOGIN.
         self.error(409, "no such session")
 
     def _on_bye(self, packet: P.Bye) -> None:

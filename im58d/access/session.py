@@ -23,7 +23,6 @@ class Session:
         "connection",
         "linger",
         "ended",
-        "nonces",
         "unacked",
         "__weakref__",
     )
@@ -49,8 +48,6 @@ class Session:
         # the DelayedCall that ends the session while it has no connection
         self.linger: Any = None
         self.ended = False
-        # RESUME nonces already used with this session
-        self.nonces: set[bytes] = set()
         # MSG_Ns sent on the current connection and not acked yet:
         # (seq, frame, sent at), oldest first; None when there are none
         self.unacked: deque[tuple[int, bytes, float]] | None = None

@@ -104,9 +104,6 @@ class LoginThrottle:
             for key in list(table):
                 self._count(table, key)
 
-    def __len__(self) -> int:
-        return len(self._users) + len(self._addresses)
-
 
 class ThreadedVerifier:
     """Runs scrypt verification on a small thread pool of its own."""
