@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgpack
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -32,7 +32,14 @@ from im58d.wire import (
 )
 from im58d.wire import packets as P
 
-HYPOTHESIS = settings(max_examples=250, deadline=None, database=None)
+# No deadline and no "too slow" health check: on a loaded CI machine data
+# generation may be slow, which says nothing about the codec.
+HYPOTHESIS = settings(
+    max_examples=250,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 UINT_MAX = 2**63 - 1
 TS = 1_800_000_000  # a realistic Unix time (2027), a uint32 in MessagePack: 0xce + 4 bytes
