@@ -218,7 +218,11 @@ class DurabilityTests(TestCase):
         pacer = task.LoopingCall(send_some)
         pacer.start(0.01)
         self.addCleanup(lambda: pacer.stop() if pacer.running else None)
-        yield ensureDeferred(until(lambda: len(sent["u0"]) >= per_sender // 3, what="load"))
+        def loaded() -> bool:
+            stored = sum(o.msg_id is not None for outs in sent.values() for o in outs)
+            return len(sent["u0"]) >= per_sender // 3 and stored >= 20
+
+        yield ensureDeferred(until(loaded, what="load"))
         ended = yield daemon.stop(signal.SIGKILL)
         self.assertEqual(ended.signal, signal.SIGKILL)
         acknowledged = {
