@@ -19,6 +19,7 @@ from .access.sessions import SessionManager
 from .config import Config, ConfigError, check, load_config
 from .logic.auth import Authenticator, LoginThrottle, ThreadedVerifier
 from .logic.messages import Messenger
+from .logic.presence import Presence
 from .routing.iplist import IPList, server_from_endpoint
 from .routing.local import LocalRouter
 from .store.interfaces import StoreError
@@ -204,6 +205,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor, config.user_attempts, config.address_attempts, config.attempt_window
     )
     router = LocalRouter()
+    presence = Presence(router, store)
     sessions = SessionManager(
         router,
         store,
@@ -212,6 +214,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         heartbeat=config.heartbeat,
         linger=config.linger,
         iplist_version=lambda: iplist.version,
+        presence=presence,
     )
     factory = AccessFactory(sessions, reactor, config.max_frame, config.login_timeout)
     messenger = Messenger(
@@ -240,6 +243,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             sessions.end_disabled().addErrback(
                 lambda f: log.failure("checking disabled users", f)
             )
+            presence.check_lists().addErrback(lambda f: log.failure("checking lists", f))
         except Exception:
             log.failure("housekeeping")
 

@@ -15,6 +15,7 @@ from im58d.access.sessions import SessionManager
 from im58d.logic.auth import Authenticator, LoginThrottle
 from im58d.logic.messages import Messenger
 from im58d.logic.passwords import hash_password, verify_password
+from im58d.logic.presence import Presence
 from im58d.routing.iplist import AccessServer, IPList
 from im58d.routing.local import LocalRouter
 from im58d.store.accounts import add_user_txn
@@ -73,6 +74,7 @@ class Harness:
         self.router = LocalRouter()
         self.throttle = LoginThrottle(self.reactor)
         self.auth = Authenticator(self.store, self.throttle, immediate_verify)
+        self.presence = Presence(self.router, self.store)
         self.sessions = SessionManager(
             self.router,
             self.store,
@@ -81,6 +83,7 @@ class Harness:
             heartbeat=settings.pop("heartbeat", 240),
             linger=settings.pop("linger", 300),
             iplist_version=lambda: 7,
+            presence=self.presence,
         )
         self.messenger = Messenger(
             self.store,

@@ -23,6 +23,7 @@ from ..logic.auth import LoginRefused
 from ..logic.interfaces import IConnection
 from ..wire import Decoder, WireError, encode
 from ..wire import packets as P
+from .sessions import ResumeRefused
 
 if TYPE_CHECKING:
     from .session import Session
@@ -302,9 +303,28 @@ class AccessProtocol(Protocol):
             self._dispatch.get(type(packet), self._unexpected)(packet)
 
     def _on_resume(self, packet: P.Resume) -> None:
-        # This version does not resume sessions yet: ERROR 409, on which the
-        # contract has the client fall back to LOGIN.
-        self.error(409, "no such session")
+        self._held = []
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        d = self.factory.sessions.resume(packet, self, lambda: not self._closing)
+        d.addCallbacks(self._resumed, self._resume_failed)
+
+    def _resumed(self, result: tuple[Session, int] | None) -> None:
+        if result is None:  # the connection went away meanwhile
+            return
+        session, inbox_max = result
+        self.session = session
+        self.send(encode(self.factory.sessions.resumed(session, inbox_max)))
+        self._dispatch = self.factory.logged_in_dispatch(self)
+        self._release_held()
+
+    def _resume_failed(self, failure: Failure) -> None:
+        if failure.check(ResumeRefused):
+            # the connection stays: the client logs in on it instead
+            self.error(409, f"resume rejected: {failure.getErrorMessage()}")
+            self._release_held()
+        else:
+            log.failure("resume failed", failure)
+            self.close(503, "server error, try again")
 
     def _on_bye(self, packet: P.Bye) -> None:
         session, self.session = self.session, None

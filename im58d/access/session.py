@@ -24,6 +24,9 @@ class Session:
         "linger",
         "ended",
         "unacked",
+        "nonces",
+        "friends",
+        "versions",
         "__weakref__",
     )
 
@@ -48,6 +51,12 @@ class Session:
         # the DelayedCall that ends the session while it has no connection
         self.linger: Any = None
         self.ended = False
+        # RESUME nonces seen with this session: nonce -> when (pruned after
+        # the ts window); None until the first RESUME
+        self.nonces: dict[bytes, float] | None = None
+        # whom to tell of presence, and the list versions the client knows of
+        self.friends: frozenset[int] = frozenset()
+        self.versions: tuple[int, ...] = (0, 0, 0)
         # MSG_Ns sent on the current connection and not acked yet:
         # (seq, frame, sent at), oldest first; None when there are none
         self.unacked: deque[tuple[int, bytes, float]] | None = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +15,7 @@ from twisted.logger import Logger
 
 from ..logic.auth import Authenticator
 from ..logic.interfaces import IConnection
+from ..logic.presence import Presence
 from ..routing.interfaces import IRouter
 from ..store.interfaces import IStore
 from ..wire import packets as P
@@ -21,6 +24,12 @@ from .session import Session
 log = Logger()
 
 MAX_DEVICE_CHARS = 128
+# seconds a RESUME's ts may be off the server's clock
+RESUME_WINDOW = 300
+
+
+class ResumeRefused(Exception):
+    """The RESUME cannot be accepted (answered with ERROR 409)."""
 
 
 class SessionManager:
@@ -41,8 +50,10 @@ class SessionManager:
         linger: int = 300,
         iplist_version: Callable[[], int] = lambda: 0,
         random: Callable[[int], bytes] = os.urandom,
+        presence: Presence | None = None,
     ) -> None:
         self.router = router
+        self.presence = presence
         self.store = store
         self.auth = auth
         self.clock = clock
@@ -71,7 +82,7 @@ class SessionManager:
         # Read the inbox head only now: what is committed after this read
         # has a higher seq and is pushed live, since the router knows the
         # session from here on (store results arrive in submission order).
-        inbox_max = yield self.store.inbox_max(uid)
+        state = yield self.store.session_state(uid)
         if not connected():
             return None
         session = Session(
@@ -83,11 +94,15 @@ class SessionManager:
             client,
             self.clock.seconds(),
         )
+        session.friends = frozenset(state["friends"])
+        session.versions = state["versions"]
         old = self.router.attach(session)
         if old is not None:
-            self._replaced(old)
+            self._replaced(old)  # the friends see no change
+        elif self.presence is not None:
+            self.presence.online(session)
         if connection is not None:
-            session.connection = connection
+            self.attach(session, connection)
         else:
             self._start_linger(session)
         log.info(
@@ -96,7 +111,61 @@ class SessionManager:
             device=session.device,
             address=address,
         )
+        return session, state["inbox_max"]
+
+    @inlineCallbacks
+    def resume(
+        self,
+        resume: P.Resume,
+        connection: IConnection,
+        connected: Callable[[], bool] = lambda: True,
+    ) -> Any:
+        """Carry on a session over a new connection: ``(session, inbox_max)``.
+
+        The client proves it holds the session key; the session keeps its
+        uid, token and inbox, and nobody is told anything.  Fails with
+        ``ResumeRefused``; None when the connection went away meanwhile.
+        """
+        session = self.router.session_by_id(resume.session_id)
+        now = self.clock.seconds()
+        if session is None or session.ended:
+            raise ResumeRefused("no such session")
+        if abs(now - resume.ts) > RESUME_WINDOW:
+            raise ResumeRefused("ts too far from the server's clock")
+        nonces = session.nonces
+        if nonces is None:
+            nonces = session.nonces = {}
+        else:
+            for seen in [n for n, at in nonces.items() if at < now - 2 * RESUME_WINDOW]:
+                del nonces[seen]
+        if resume.nonce in nonces:
+            raise ResumeRefused("nonce used before")
+        expected = hmac.new(
+            session.session_key,
+            resume.session_id + resume.ts.to_bytes(8, "big") + resume.nonce,
+            hashlib.sha256,
+        ).digest()[:16]
+        if not hmac.compare_digest(expected, resume.mac):
+            raise ResumeRefused("bad proof")
+        nonces[resume.nonce] = now
+        # as for LOGIN: what is committed after this read is pushed live
+        inbox_max = yield self.store.inbox_max(session.uid)
+        if session.ended:
+            raise ResumeRefused("the session ended meanwhile")
+        if not connected():
+            return None
+        self.attach(session, connection)
         return session, inbox_max
+
+    def attach(self, session: Session, connection: IConnection) -> None:
+        """The session's connection is ``connection`` from now on; one still
+        attached (the client came back before it noticed the drop) is closed."""
+        old = session.connection
+        session.connection = connection
+        session.unacked = None
+        self._stop_linger(session)
+        if old is not None and old is not connection:
+            old.abort()
 
     def welcome(self, session: Session, inbox_max: int) -> P.Welcome:
         return P.Welcome(
@@ -109,6 +178,9 @@ class SessionManager:
             self.linger,
             self.iplist_version(),
         )
+
+    def resumed(self, session: Session, inbox_max: int) -> P.Resumed:
+        return P.Resumed(session.uid, inbox_max, self.iplist_version())
 
     def _replaced(self, old: Session) -> None:
         """A newer login took the user's session: the old one ends quietly."""
@@ -166,6 +238,8 @@ class SessionManager:
             return
         session.ended = True
         self._stop_linger(session)
-        self.router.detach(session)
+        was_current = self.router.detach(session)
         session.connection = None
         session.unacked = None
+        if was_current and self.presence is not None:
+            self.presence.offline(session)

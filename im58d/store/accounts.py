@@ -123,3 +123,42 @@ def create_group_txn(
     for uid in everyone:
         _bump_list(db, uid, "group_list")
     return gid
+
+
+# -- sessions ---------------------------------------------------------------
+
+LISTS = ("friends", "groups", "categories")
+
+
+def session_state_txn(db: sqlite_utils.Database, uid: int) -> dict[str, Any]:
+    """What a session needs to start: the inbox head, the friends to tell of
+    presence, and the list versions to notice changes against."""
+    head = db.execute("SELECT max_seq FROM inboxes WHERE uid = ?", (uid,)).fetchone()
+    versions = db.execute(
+        "SELECT friend_list, group_list, category_list FROM list_versions WHERE uid = ?",
+        (uid,),
+    ).fetchone()
+    return {
+        "inbox_max": 0 if head is None else int(head[0]),
+        "friends": friends_of_txn(db, uid),
+        "versions": tuple(versions) if versions is not None else (0, 0, 0),
+    }
+
+
+def friends_of_txn(db: sqlite_utils.Database, uid: int) -> list[int]:
+    return [int(row[0]) for row in db.execute("SELECT friend FROM friends WHERE uid = ?", (uid,))]
+
+
+def list_versions_txn(db: sqlite_utils.Database, uids: list[int]) -> dict[int, tuple[int, ...]]:
+    """The (friends, groups, categories) list versions of each user."""
+    versions: dict[int, tuple[int, ...]] = {}
+    for start in range(0, len(uids), 500):
+        chunk = uids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for uid, *row in db.execute(
+            "SELECT uid, friend_list, group_list, category_list FROM list_versions "
+            f"WHERE uid IN ({marks})",
+            chunk,
+        ):
+            versions[uid] = tuple(row)
+    return versions

@@ -68,6 +68,15 @@ class IStore(Interface):
     def inbox_max(uid: int) -> Deferred[int]:
         """The highest seq given out in the user's inbox (0 for none)."""
 
+    def session_state(uid: int) -> Deferred[dict[str, Any]]:
+        """``{"inbox_max", "friends", "versions"}`` for a session that starts."""
+
+    def friends_of(uid: int) -> Deferred[list[int]]:
+        """The uids of the user's friends."""
+
+    def list_versions(uids: list[int]) -> Deferred[dict[int, tuple[int, ...]]]:
+        """Each user's (friends, groups, categories) list versions."""
+
     def deliver(
         messages: list[tuple[int, int, int, str | bytes, int]],
         acks: list[tuple[int, int]],

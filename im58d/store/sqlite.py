@@ -24,9 +24,12 @@ from .accounts import (
     add_user_txn,
     create_group_txn,
     disabled_users_txn,
+    friends_of_txn,
     list_users_txn,
+    list_versions_txn,
     login_record_txn,
     make_friends_txn,
+    session_state_txn,
     set_disabled_txn,
     set_password_txn,
     uid_for_name_txn,
@@ -345,6 +348,15 @@ class SQLiteStore:
 
     def inbox_max(self, uid: int) -> Deferred[int]:
         return self._run(inbox_max_txn, uid, write=False)
+
+    def session_state(self, uid: int) -> Deferred[dict[str, Any]]:
+        return self._run(session_state_txn, uid, write=False)
+
+    def friends_of(self, uid: int) -> Deferred[list[int]]:
+        return self._run(friends_of_txn, uid, write=False)
+
+    def list_versions(self, uids: list[int]) -> Deferred[dict[int, tuple[int, ...]]]:
+        return self._run(list_versions_txn, uids, write=False)
 
     def deliver(
         self,

@@ -1,0 +1,69 @@
+"""Presence and change notices (PROTOCOL.md section 1.5).
+
+PRESENCE goes to a user's connected friends when a session starts and when
+it really ends: not when a connection drops and the session lingers, not
+when a newer login replaces it.  CHANGED tells a connected user that one of
+its lists has a new version, so that it pulls lazily over HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from ..routing.interfaces import IRouter
+from ..store.accounts import LISTS
+from ..store.interfaces import IStore
+from ..wire import frame
+from ..wire import packets as P
+
+log = Logger()
+
+
+class Presence:
+    def __init__(self, router: IRouter, store: IStore) -> None:
+        self.router = router
+        self.store = store
+
+    def online(self, session: Any) -> None:
+        self._tell_friends(session, True)
+
+    def offline(self, session: Any) -> None:
+        self._tell_friends(session, False)
+
+    def _tell_friends(self, session: Any, online: bool) -> None:
+        packet = frame(P.PRESENCE, (session.uid, online))
+        session_for = self.router.session_for
+        for friend in session.friends:
+            other = session_for(friend)
+            if other is not None and other.connection is not None:
+                other.connection.send(packet)
+
+    def changed(self, session: Any, versions: tuple[int, ...]) -> None:
+        """The session's lists have these versions now: CHANGED for each
+        list that moved; the friends to tell of presence follow the list."""
+        old, session.versions = session.versions, versions
+        for what, before, now in zip(LISTS, old, versions, strict=True):
+            if now != before and session.connection is not None:
+                session.connection.send(frame(P.CHANGED, (what, now)))
+        if versions[0] != old[0]:
+            d = self.store.friends_of(session.uid)
+            d.addCallback(lambda friends: setattr(session, "friends", frozenset(friends)))
+            d.addErrback(lambda f: log.failure("reading friends of {uid}", f, uid=session.uid))
+
+    def check_lists(self) -> Deferred[None]:
+        """Compare every session's list versions with the store's
+        (housekeeping): lists changed elsewhere, by im58d-admin for one,
+        reach the connected users as CHANGED within a round."""
+        sessions = {session.uid: session for session in self.router.sessions()}
+        d = self.store.list_versions(list(sessions))
+
+        def compare(current: dict[int, tuple[int, ...]]) -> None:
+            for uid, versions in current.items():
+                session = sessions[uid]
+                if not session.ended and versions != session.versions:
+                    self.changed(session, versions)
+
+        return d.addCallback(compare)
