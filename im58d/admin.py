@@ -8,6 +8,9 @@ writers).  Every error is one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import datetime
+import ipaddress
+import os
 import sqlite3
 import sys
 import time
@@ -16,6 +19,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import sqlite_utils
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from .config import Config, ConfigError, load_config
 from .logic.auth import MAX_NAME_CHARS
@@ -110,6 +117,59 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+def make_certificate(hosts: list[str], days: int) -> tuple[bytes, bytes]:
+    """A self-signed certificate for ``hosts`` (names or addresses) and its
+    key, both PEM.  It is its own CA, so a client can trust it directly."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def cert(args: argparse.Namespace) -> str:
+    if args.days < 1:
+        raise AdminError("--days must be at least 1")
+    key_pem, cert_pem = make_certificate(args.host, args.days)
+    os.makedirs(args.out, exist_ok=True)
+    key_path = os.path.join(args.out, "key.pem")
+    cert_path = os.path.join(args.out, "cert.pem")
+    try:
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        with open(cert_path, "wb") as f:
+            f.write(cert_pem)
+    except OSError as e:
+        raise AdminError(f"cannot write the certificate: {e}") from None
+    return (
+        f"wrote {key_path} and {cert_path}; listen with\n"
+        f"  ssl:5859:privateKey={key_path}:certKey={cert_path}"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = _Parser(
         prog="im58d-admin", description="Manage the users and groups of an im58d server."
@@ -117,7 +177,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--config", "-c", help="the daemon's INI config file")
     top.add_argument("--database", "-d", help="SQLite database (replaces [store] database)")
     objects = top.add_subparsers(
-        dest="object", required=True, metavar="{user,friend,group}", parser_class=_Parser
+        dest="object", required=True, metavar="{user,friend,group,cert}", parser_class=_Parser
     )
 
     user = objects.add_parser("user", help="add, change, disable, enable and list users")
@@ -150,6 +210,13 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--owner", required=True)
     create.add_argument("--member", action="append", default=[])
     create.set_defaults(run=group_create)
+
+    tls = objects.add_parser("cert", help="make a self-signed TLS certificate for trials")
+    tls.add_argument("--host", action="append", required=True,
+                     help="a name or address clients connect to (repeatable)")
+    tls.add_argument("--out", default=".", help="folder for key.pem and cert.pem")
+    tls.add_argument("--days", type=int, default=365)
+    tls.set_defaults(run=None, offline=cert)
     return top
 
 
@@ -168,6 +235,13 @@ def run_in_transaction(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.run is None:  # needs no database
+        try:
+            print(args.offline(args))
+        except AdminError as e:
+            print(f"im58d-admin: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         config = load_config(args.config) if args.config else Config()
         path = args.database or config.database

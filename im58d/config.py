@@ -30,6 +30,7 @@ class Config:
     access: tuple[str, ...] = ("tcp:5858:interface=127.0.0.1",)
     http: tuple[str, ...] = ("tcp:8058:interface=127.0.0.1",)
     max_frame: int = 65536
+    allow_plaintext: bool = False
     # [session]
     linger: int = 300
     heartbeat: int = 240
@@ -121,6 +122,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "access": ("access", _lines),
         "http": ("http", _lines),
         "max_frame": ("max_frame", _int(64, 16 * 1024 * 1024)),
+        "allow_plaintext": ("allow_plaintext", _bool),
     },
     "session": {
         "linger": ("linger", _int(0, 7 * 86400)),

@@ -9,7 +9,6 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -17,6 +16,7 @@ from . import __version__
 from .access.protocol import AccessFactory
 from .access.sessions import SessionManager
 from .config import Config, ConfigError, check, load_config
+from .endpoints import plaintext_exposed, server_endpoint
 from .logic.auth import Authenticator, LoginThrottle, ThreadedVerifier
 from .logic.messages import Messenger
 from .logic.presence import Presence
@@ -164,8 +164,14 @@ def _fail(message: str) -> SystemExit:
 def _listeners(reactor: Any, config: Config, key: str, factory: Any) -> list[Service]:
     services: list[Service] = []
     for description in getattr(config, key):
+        if plaintext_exposed(description) and not config.allow_plaintext:
+            raise _fail(
+                f"[listen] {key}: {description!r} would take unencrypted connections "
+                "from other machines; listen with ssl:, on 127.0.0.1, or set "
+                "[listen] allow_plaintext = yes"
+            )
         try:
-            endpoint = serverFromString(reactor, description)
+            endpoint = server_endpoint(reactor, description)
         except Exception as e:
             raise _fail(f"[listen] {key}: {description!r}: {e}") from None
         services.append(ListenerService(endpoint, factory, key, description))

@@ -7,10 +7,11 @@ same list gives the same version, and any change gives a new one.
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from ..endpoints import parse
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,9 @@ def parse_server(text: str) -> AccessServer:
 
 def server_from_endpoint(description: str) -> AccessServer | None:
     """The server a client reaches through a listener, when its address is concrete."""
-    words = [w.replace("\\:", ":") for w in re.split(r"(?<!\\):", description)]
-    kind = words[0]
-    options = dict(w.split("=", 1) for w in words[1:] if "=" in w)
-    ports = [w for w in words[1:] if "=" not in w]
-    port = ports[0] if ports else options.get("port", "")
-    interface = options.get("interface", "")
+    kind, args, kwargs = parse(description)
+    port = args[0] if args else kwargs.get("port", "")
+    interface = kwargs.get("interface", "")
     if kind not in ("tcp", "ssl") or not port.isdigit():
         return None
     if interface in ("", "0.0.0.0", "::"):
