@@ -13,17 +13,23 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import os
 import random
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
+from zope.interface import implementer
 
 from ..wire import Decoder, WireError, encode
 from ..wire import packets as P
@@ -70,6 +76,26 @@ class Outgoing:
         return f"<Outgoing cmid={self.cmid} to={self.to} {self.state} msg_id={self.msg_id}>"
 
 
+# (host, port, tls) of an access server
+Server = tuple[str, int, bool]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ResumingTLS:
+    """Client TLS options that offer the last TLS session of the server again,
+    so that a reconnect resumes it instead of a full handshake."""
+
+    def __init__(self, options: Any) -> None:
+        self._options = options
+        self.session: Any = None
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
+        connection = self._options.clientConnectionForTLS(tls_protocol)
+        if self.session is not None:
+            connection.set_session(self.session)
+        return connection
+
+
 class LoginFailed(Exception):
     """The server refused the credentials (ERROR 401/403/429) or kicked us out."""
 
@@ -81,8 +107,9 @@ class LoginFailed(Exception):
 class _Wire(Protocol):
     """The connection: frames to packets, packets to the Client."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, server: Server | None = None) -> None:
         self.client = client
+        self.server = server
         self.decoder = Decoder()
 
     def connectionMade(self) -> None:
@@ -111,8 +138,8 @@ class Client:
     def __init__(
         self,
         reactor: Any,
-        host: str,
-        port: int,
+        host: str | None,
+        port: int | None,
         http_url: str,
         user: str,
         password: str,
@@ -120,16 +147,20 @@ class Client:
         state: ClientState | None = None,
         on_message: Callable[[Message], None] | None = None,
         on_status: Callable[[Outgoing], None] | None = None,
+        on_presence: Callable[[int, bool], None] | None = None,
+        on_changed: Callable[[str, int], None] | None = None,
         resend_after: float = 5.0,
         min_backoff: float = 0.25,
         max_backoff: float = 30.0,
         http: Any = None,
         max_body: int = 4096,
+        ca_cert: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
-        self.host = host
-        self.port = port
+        # an access server to use until the IP list is known (optional)
+        self.first_server: Server | None = (host, port, False) if host and port else None
+        self.ca_cert = ca_cert
         self.http_url = http_url.rstrip("/")
         self.user = user
         self.password = password
@@ -137,6 +168,8 @@ class Client:
         self.state = state or ClientState()
         self.on_message = on_message or (lambda message: None)
         self.on_status = on_status or (lambda outgoing: None)
+        self.on_presence = on_presence or (lambda uid, online: None)
+        self.on_changed = on_changed or (lambda what, version: None)
         self.resend_after = resend_after
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
@@ -153,6 +186,9 @@ class Client:
         self._retry: Any = None
         self._tick: Any = None
         self._started: Deferred[None] | None = None
+        self._avoid: Server | None = None  # the server that just failed
+        self._tls: dict[Server, _ResumingTLS] = {}
+        self._fetching_iplist = False
         self.last_sent = 0.0
         self.last_received = 0.0
         # sending: the ack-wait queue (cmid -> Outgoing, until MSG_A) and the
@@ -171,6 +207,7 @@ class Client:
         self.retransmits = 0
         self.duplicates = 0
         self.logins = 0
+        self.resumes = 0
 
     # the app's side
 
@@ -242,15 +279,63 @@ class Client:
 
     # connection
 
+    def _servers(self) -> list[Server]:
+        servers = [(s["host"], s["port"], s["tls"]) for s in self.state.servers]
+        if not servers and self.first_server is not None:
+            servers = [self.first_server]
+        return servers
+
+    def _weights(self) -> dict[Server, int]:
+        weights = {(s["host"], s["port"], s["tls"]): s["weight"] for s in self.state.servers}
+        return weights
+
+    def choose(self) -> Server | None:
+        """The server to connect to: the last one used, unless it just failed
+        or left the list; else one at random by weight."""
+        servers = self._servers()
+        if not servers:
+            return None
+        last = self.state.last_server
+        if last in servers and last != self._avoid:
+            return last
+        others = [s for s in servers if s != self._avoid] or servers
+        weights = self._weights()
+        return random.choices(others, [weights.get(s, 1) for s in others])[0]
+
     def _connect(self) -> None:
         self._retry = None
-        endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=10)
-        d = connectProtocol(endpoint, _Wire(self))
-        d.addErrback(self._connect_failed)
+        server = self.choose()
+        if server is None:  # no address yet: ask for the IP list first
+            d = self._fetch_iplist()
+            d.addCallbacks(lambda _: self._connect(), self._connect_failed)
+            return
+        host, port, tls = server
+        endpoint: Any
+        if tls:
+            endpoint = SSL4ClientEndpoint(self.reactor, host, port, self._tls_options(server),
+                                          timeout=10)
+        else:
+            endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=10)
+        d = connectProtocol(endpoint, _Wire(self, server))
+        d.addErrback(self._connect_failed, server)
 
-    def _connect_failed(self, failure: Failure) -> None:
-        log.info("cannot connect to {host}:{port}: {e}", host=self.host, port=self.port,
+    def _tls_options(self, server: Server) -> _ResumingTLS:
+        options = self._tls.get(server)
+        if options is None:
+            trust = None
+            if self.ca_cert is not None:
+                with open(self.ca_cert, "rb") as f:
+                    trust = Certificate.loadPEM(f.read())
+            # verifies the certificate for the address with service-identity
+            options = self._tls[server] = _ResumingTLS(
+                optionsForClientTLS(server[0], trustRoot=trust)
+            )
+        return options
+
+    def _connect_failed(self, failure: Failure, server: Server | None = None) -> None:
+        log.info("cannot connect to {server}: {e}", server=server,
                  e=failure.getErrorMessage())
+        self._avoid = server
         self._reconnect_later()
 
     def _reconnect_later(self) -> None:
@@ -263,7 +348,19 @@ class Client:
     def _connected(self, wire: _Wire) -> None:
         self._wire = wire
         self.last_received = self.clock.seconds()
-        wire.send(P.Login(self.user, self.password, self.device))
+        session = self.state.session
+        if session is None:
+            wire.send(P.Login(self.user, self.password, self.device))
+            return
+        # prove the session key: one round trip, no password, no new session
+        ts = int(self.clock.seconds())
+        nonce = os.urandom(8)
+        mac = hmac.new(
+            session["session_key"],
+            session["session_id"] + ts.to_bytes(8, "big") + nonce,
+            hashlib.sha256,
+        ).digest()[:16]
+        wire.send(P.Resume(session["session_id"], ts, nonce, mac))
 
     def _disconnected(self, wire: _Wire) -> None:
         if wire is not self._wire:
@@ -285,10 +382,34 @@ class Client:
         self.uid = welcome.uid
         self.token = welcome.token
         self.heartbeat_s = welcome.heartbeat_s
-        self._inbox_max = welcome.inbox_max
+        self.state.session = {
+            "uid": welcome.uid,
+            "session_id": welcome.session_id,
+            "session_key": welcome.session_key,
+            "token": welcome.token,
+        }
+        self.logins += 1
+        self._logged_in_with(welcome.inbox_max, welcome.iplist_version)
+
+    def _on_resumed(self, resumed: P.Resumed) -> None:
+        session = self.state.session
+        assert session is not None
+        self.uid = resumed.uid
+        self.token = session["token"]
+        self.resumes += 1
+        self._logged_in_with(resumed.inbox_max, resumed.iplist_version)
+
+    def _logged_in_with(self, inbox_max: int, iplist_version: int) -> None:
+        """WELCOME or RESUMED: the connection carries the session."""
+        self._inbox_max = inbox_max
         self._logged_in = True
         self._backoff = self.min_backoff
-        self.logins += 1
+        self._avoid = None
+        wire = self._wire
+        if wire is not None and wire.server is not None:
+            self.state.last_server = wire.server
+            self._keep_tls_session(wire)
+        self.state.save()
         for outgoing in list(self.waiting.values()):
             self._transmit(outgoing)
         if self._inbox_max > self.state.last_seq:
@@ -301,9 +422,37 @@ class Client:
             self.refresh_status().addErrback(
                 lambda f: log.warn("status refresh failed: {e}", e=f.getErrorMessage())
             )
+        if iplist_version != self.state.iplist_version and self.state.servers != []:
+            self._fetch_iplist().addErrback(
+                lambda f: log.warn("IP list refresh failed: {e}", e=f.getErrorMessage())
+            )
         started, self._started = self._started, None
         if started is not None:
             started.callback(None)
+
+    def _keep_tls_session(self, wire: _Wire) -> None:
+        options = self._tls.get(wire.server) if wire.server else None
+        handle: Any = getattr(wire.transport, "getHandle", lambda: None)()
+        if options is not None and hasattr(handle, "get_session"):
+            options.session = handle.get_session()
+
+    @inlineCallbacks
+    def _fetch_iplist(self) -> Any:
+        """GET /v1/iplist: the access servers, to connect to by address."""
+        if self._fetching_iplist:
+            return
+        self._fetching_iplist = True
+        try:
+            response = yield self.http.get(self.http_url + "/v1/iplist")
+            iplist = yield self._json(response)
+        finally:
+            self._fetching_iplist = False
+        self.state.iplist_version = iplist["version"]
+        self.state.servers = [
+            {"host": s["host"], "port": s["port"], "tls": s["tls"], "weight": s["weight"]}
+            for s in iplist["servers"]
+        ]
+        self.state.save()
 
     def _on_error(self, error: P.Error) -> None:
         outgoing = self.waiting.get(error.ref) if error.ref is not None else None
@@ -315,7 +464,12 @@ class Client:
                 outgoing.error = (error.code, error.message)
                 self._set(outgoing, FAILED)
             return  # 503 and the like: it is sent again
-        if not self._logged_in and error.code in (401, 403):
+        if not self._logged_in and error.code == 409 and self._wire is not None:
+            # the session is gone (a restart, an expiry): log in instead
+            self.state.session = None
+            self.state.save()
+            self._wire.send(P.Login(self.user, self.password, self.device))
+        elif not self._logged_in and error.code in (401, 403):
             self._fatal(LoginFailed(error.code, error.message))
         elif not self._logged_in and error.code == 429:
             if self._started is not None:  # the first login: the app decides
@@ -479,8 +633,17 @@ class Client:
         if now - self.last_received > 2 * self.heartbeat_s + 30:
             wire.transport.abortConnection()  # type: ignore[union-attr]
 
+    def _on_presence(self, presence: P.Presence) -> None:
+        self.on_presence(presence.uid, presence.online)
+
+    def _on_changed(self, changed: P.Changed) -> None:
+        self.on_changed(changed.what, changed.version)
+
     _handlers: dict[type, Callable[[Client, Any], None]] = {
+        P.Presence: _on_presence,
+        P.Changed: _on_changed,
         P.Welcome: _on_welcome,
+        P.Resumed: _on_resumed,
         P.Error: _on_error,
         P.Kicked: _on_kicked,
         P.MsgA: _on_msg_a,
