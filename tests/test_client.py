@@ -312,7 +312,8 @@ class AckWaitTests(TwoDevices):
         """A MSG_R that reached the server but whose MSG_A was lost when the
         connection broke is sent again after the reconnect; the server answers
         with the same msg_id and keeps one inbox entry; it counts as a
-        retransmit; the receiver is shown it once."""
+        retransmit; the receiver is shown it once.  The receiver acked it
+        meanwhile, so the ACK_N comes with the repeated MSG_A."""
         out = self.alice.client.send(self.bob_uid, "once")
         self.to_server(self.alice)
         msg_id = self.msg_id_of(self.alice_uid, 1)
@@ -324,8 +325,8 @@ class AckWaitTests(TwoDevices):
         self.wait(2)  # the backoff
         self.assertEqual(len(self.alice.links), 2)
         self.assertTrue(self.alice.client.connected)
-        self.assertEqual((out.state, out.msg_id), (STORED, msg_id))
-        self.assertEqual(self.alice.statuses, [(1, STORED, msg_id)])
+        self.assertEqual((out.state, out.msg_id), (DELIVERED, msg_id))
+        self.assertEqual(self.alice.statuses, [(1, STORED, msg_id), (1, DELIVERED, msg_id)])
         self.assertEqual((out.transmissions, self.alice.client.retransmits), (2, 1))
         self.assertEqual(self.inbox_size(self.bob_uid), 1)
         self.assertEqual(self.count("SELECT count(*) FROM messages"), 1)

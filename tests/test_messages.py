@@ -119,6 +119,17 @@ class DeduplicationTests(TwoUsers):
         self.assertEqual(count(self.h, "SELECT count(*) FROM inbox WHERE uid = ?", self.bob_uid), 1)
         self.assertEqual(self.h.messenger.duplicates, 1)
 
+    def test_retransmit_of_a_delivered_message(self) -> None:
+        """A repeated MSG_R of a message the receiver has acked gets its MSG_A
+        and its ACK_N again: the first ACK_N may have been lost with the MSG_A."""
+        self.alice.send(P.MsgR(5, self.bob_uid, "once"))
+        [msg_a] = self.alice.received()
+        self.bob.received()
+        self.bob.send(P.AckR(1))
+        self.assertEqual(self.alice.received(), [P.AckN(5, msg_a.msg_id)])
+        self.alice.send(P.MsgR(5, self.bob_uid, "once"))
+        self.assertEqual(self.alice.received(), [msg_a, P.AckN(5, msg_a.msg_id)])
+
     def test_retransmit_in_the_same_batch(self) -> None:
         """Two copies in one batch are one message with one msg_id."""
         self.alice.send(P.MsgR(5, self.bob_uid, "once"), P.MsgR(5, self.bob_uid, "once"))

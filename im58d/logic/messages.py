@@ -197,6 +197,10 @@ class Messenger:
                 self.duplicates += 1
                 if connection is not None:
                     connection.send(frame(P.MSG_A, (cmid, result[1], result[2])))
+                    if result[3]:
+                        # acked already: its ACK_N may have been lost with the
+                        # connection that lost the MSG_A, so it comes again
+                        connection.send(frame(P.ACK_N, (cmid, result[1])))
             elif connection is not None:
                 connection.error(result[1], result[2], cmid)
         for (session, _), (_, cursor, newly) in zip(acks.items(), ack_results, strict=True):

@@ -17,7 +17,8 @@ KIND_GROUP = 1
 
 # outcome of one message of a batch:
 #   (STORED, msg_id, ts, ((uid, seq), ...))  the receivers' inbox entries
-#   (DUPLICATE, msg_id, ts, ())              stored before under this cmid
+#   (DUPLICATE, msg_id, ts, delivered)       stored before under this cmid;
+#                                            delivered: the receiver acked it
 #   (REFUSED, code, message)                 ERROR code for the sender
 STORED = 0
 DUPLICATE = 1
@@ -85,11 +86,12 @@ def deliver_txn(
     for i, message in enumerate(messages):
         first.setdefault((message[0], message[1]), i)
     earlier = {
-        (row[0], row[1]): (row[2], row[3])
+        (row[0], row[1]): (row[2], row[3], row[4] is not None and row[4] <= row[5])
         for row in _lookup(
             execute,
-            "SELECT m.sender, m.cmid, m.id, m.ts FROM (VALUES {}) v "
-            "JOIN messages m ON m.sender = v.column1 AND m.cmid = v.column2",
+            "SELECT m.sender, m.cmid, m.id, m.ts, m.seq, h.acked_seq FROM (VALUES {}) v "
+            "JOIN messages m ON m.sender = v.column1 AND m.cmid = v.column2 "
+            "LEFT JOIN inboxes h ON m.kind = 0 AND h.uid = m.target",
             list(first),
             2,
         )
@@ -139,11 +141,11 @@ def deliver_txn(
         j = first[key]
         if j != i:  # a repeat within the batch: the answer of the first copy
             done = results[j]
-            results[i] = (DUPLICATE, done[1], done[2], ()) if done[0] != REFUSED else done
+            results[i] = (DUPLICATE, done[1], done[2], False) if done[0] != REFUSED else done
             continue
         stored = earlier.get(key)
         if stored is not None:
-            results[i] = (DUPLICATE, stored[0], stored[1], ())
+            results[i] = (DUPLICATE, stored[0], stored[1], stored[2])
             continue
         if kind == KIND_USER:
             head = heads.get(to)
