@@ -155,12 +155,14 @@ class Client:
         http: Any = None,
         max_body: int = 4096,
         ca_cert: str | None = None,
+        send_window: int = 32,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
         # an access server to use until the IP list is known (optional)
         self.first_server: Server | None = (host, port, False) if host and port else None
         self.ca_cert = ca_cert
+        self.send_window = send_window
         self.http_url = http_url.rstrip("/")
         self.user = user
         self.password = password
@@ -195,6 +197,8 @@ class Client:
         # stored messages waiting to be delivered (msg_id -> Outgoing)
         self.waiting: dict[int, Outgoing] = {}
         self.undelivered: dict[int, Outgoing] = {}
+        # MSG_Rs on the current connection without MSG_A (at most send_window)
+        self._on_wire = 0
         for cmid, (to, body, kind) in self.state.unsent.items():
             self.waiting[cmid] = Outgoing(cmid, to, body, kind)
         # receiving: entries above a gap, shown once the gap is filled
@@ -237,8 +241,7 @@ class Client:
         self.state.save()
         outgoing = Outgoing(cmid, to, body, kind)
         self.waiting[cmid] = outgoing
-        if self._logged_in:
-            self._transmit(outgoing)
+        self._pump()
         return outgoing
 
     @inlineCallbacks
@@ -410,8 +413,11 @@ class Client:
             self.state.last_server = wire.server
             self._keep_tls_session(wire)
         self.state.save()
-        for outgoing in list(self.waiting.values()):
-            self._transmit(outgoing)
+        # what was on the old connection goes again, the oldest first
+        for outgoing in self.waiting.values():
+            outgoing.sent_at = None
+        self._on_wire = 0
+        self._pump()
         if self._inbox_max > self.state.last_seq:
             self._pull()
         elif self.state.last_seq:
@@ -458,9 +464,7 @@ class Client:
         outgoing = self.waiting.get(error.ref) if error.ref is not None else None
         if outgoing is not None:
             if error.code in FINAL_REFUSALS:
-                del self.waiting[outgoing.cmid]
-                self.state.unsent.pop(outgoing.cmid, None)
-                self.state.save()
+                self._settled(outgoing)
                 outgoing.error = (error.code, error.message)
                 self._set(outgoing, FAILED)
             return  # 503 and the like: it is sent again
@@ -497,6 +501,29 @@ class Client:
 
     # sending
 
+    def _pump(self) -> None:
+        """Send waiting messages not yet on this connection, while fewer than
+        ``send_window`` wait for their MSG_A: a reconnect with a long queue
+        does not pour it all into a connection that may break again."""
+        if not self._logged_in:
+            return
+        for outgoing in self.waiting.values():
+            if self._on_wire >= self.send_window:
+                return
+            if outgoing.sent_at is None:
+                self._transmit(outgoing)
+                self._on_wire += 1
+
+    def _settled(self, outgoing: Outgoing) -> None:
+        """The server has the message (or refused it for good): it leaves the
+        ack-wait queue, and the next one may go."""
+        del self.waiting[outgoing.cmid]
+        self.state.unsent.pop(outgoing.cmid, None)
+        self.state.save()
+        if outgoing.sent_at is not None:
+            self._on_wire -= 1
+        self._pump()
+
     def _transmit(self, outgoing: Outgoing) -> None:
         kind = outgoing.kind or None
         assert self._wire is not None
@@ -507,11 +534,10 @@ class Client:
         outgoing.sent_at = self.clock.seconds()
 
     def _on_msg_a(self, msg_a: P.MsgA) -> None:
-        outgoing = self.waiting.pop(msg_a.cmid, None)
+        outgoing = self.waiting.get(msg_a.cmid)
         if outgoing is None:
             return  # the answer to a retransmit already answered
-        self.state.unsent.pop(msg_a.cmid, None)
-        self.state.save()
+        self._settled(outgoing)
         outgoing.msg_id = msg_a.msg_id
         outgoing.ts = msg_a.ts
         if outgoing.kind == P.KIND_USER:
@@ -522,11 +548,10 @@ class Client:
         outgoing = self.undelivered.pop(ack_n.msg_id, None)
         if outgoing is None:
             # its MSG_A was lost: the ACK_N says it was stored, too
-            outgoing = self.waiting.pop(ack_n.cmid, None)
+            outgoing = self.waiting.get(ack_n.cmid)
             if outgoing is None:
                 return
-            self.state.unsent.pop(ack_n.cmid, None)
-            self.state.save()
+            self._settled(outgoing)
             outgoing.msg_id = ack_n.msg_id
         self._set(outgoing, DELIVERED)
 
@@ -626,7 +651,7 @@ class Client:
         if wire is None or not self._logged_in:
             return
         for outgoing in list(self.waiting.values()):
-            if outgoing.sent_at is None or now - outgoing.sent_at >= self.resend_after:
+            if outgoing.sent_at is not None and now - outgoing.sent_at >= self.resend_after:
                 self._transmit(outgoing)
         if now - self.last_sent >= self.heartbeat_s:
             wire.send(P.Ping())
