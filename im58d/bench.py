@@ -10,18 +10,23 @@ ACK_A, ACK_N), then prints:
 - server CPU microseconds per delivered message (from /proc/PID/stat);
 
 at full load and paced (``--rate`` messages per second), the bytes of the
-six packets of "你好" on a fresh database, and, in idle mode, the server's
-resident memory per logged-in connection that only heartbeats.
+six packets of "你好" on a fresh database, in idle mode the server's
+resident memory per logged-in connection that only heartbeats, and, in
+connect mode, the round trips, bytes and time of a LOGIN and of a RESUME over
+TCP, TLS 1.3 and TLS 1.2 (with and without TLS session resumption).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import os
 import resource
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,6 +39,7 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
+from .admin import make_certificate
 from .logic.passwords import hash_password
 from .store.accounts import add_user_txn
 from .store.sqlite import open_database
@@ -76,7 +82,9 @@ def percentile(values: list[float], p: float) -> float:
 class Daemon:
     """A daemon of the bench's own, on a fresh database in a temporary directory."""
 
-    def __init__(self, users: int, keep: bool = False, config: str | None = None) -> None:
+    def __init__(
+        self, users: int, keep: bool = False, config: str | None = None, tls: bool = False
+    ) -> None:
         self.directory = tempfile.mkdtemp(prefix="im58d-bench-")
         self.keep = keep
         self.database = os.path.join(self.directory, "im58d.sqlite")
@@ -91,12 +99,26 @@ class Daemon:
         db.conn.close()
         self.port = free_port()
         self.http_port = free_port()
+        access = ["--access", f"tcp:{self.port}:interface=127.0.0.1"]
+        # with tls: a second access listener, ssl:, with a fresh self-signed cert
+        self.tls_port = 0
+        self.ca_cert = os.path.join(self.directory, "cert.pem")
+        if tls:
+            self.tls_port = free_port()
+            key_pem, cert_pem = make_certificate(["127.0.0.1"], 1)
+            key = os.path.join(self.directory, "key.pem")
+            with open(key, "wb") as f:
+                f.write(key_pem)
+            with open(self.ca_cert, "wb") as f:
+                f.write(cert_pem)
+            access += ["--access", f"ssl:{self.tls_port}:interface=127.0.0.1"
+                                   f":privateKey={key}:certKey={self.ca_cert}"]
         self.log = open(os.path.join(self.directory, "daemon.log"), "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
              "-n", "--pidfile", "", "im58d", *(["--config", config] if config else []),
              "--database", self.database,
-             "--access", f"tcp:{self.port}:interface=127.0.0.1",
+             *access,
              "--http", f"tcp:{self.http_port}:interface=127.0.0.1"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=self.directory,
             env=dict(os.environ, PYTHONPATH=_CODE + os.pathsep + os.environ.get("PYTHONPATH", "")),
@@ -344,15 +366,173 @@ async def idle(reactor: Any, port: int, daemon_pid: int, count: int, settle: flo
     }
 
 
+class Probe:
+    """One blocking client connection (TCP, or TLS through memory BIOs) that
+    counts the bytes crossing its socket and the round trips it waits for: a
+    round trip is a wait for the server after the client has sent."""
+
+    def __init__(self, port: int, tls: ssl.SSLContext | None, session: Any = None) -> None:
+        self.started = time.perf_counter()
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sent = self.received = 0
+        self.round_trips = 0
+        self._waiting = False
+        self.decoder = Decoder()
+        self.tls: ssl.SSLObject | None = None
+        self.handshake_bytes = 0
+        self.handshake_round_trips = 0
+        if tls is not None:
+            self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = tls.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1",
+                                    session=session)
+            while True:
+                try:
+                    self.tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self._flush()
+                    self._fill()
+            # the client's Finished leaves with the first packet, in the same flight
+            self.handshake_bytes = self.sent + self.received + self.outgoing.pending
+            self.handshake_round_trips = self.round_trips
+
+    def _send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        self.sent += len(data)
+        self._waiting = True
+
+    def _flush(self) -> None:
+        if self.outgoing.pending:
+            self._send(self.outgoing.read())
+
+    def _recv(self) -> bytes:
+        if self._waiting:
+            self.round_trips += 1
+            self._waiting = False
+        data = self.sock.recv(65536)
+        if not data:
+            raise SystemExit("im58d-bench: the daemon closed a connect probe")
+        self.received += len(data)
+        return data
+
+    def _fill(self) -> None:
+        self.incoming.write(self._recv())
+
+    def send(self, packet: Any) -> None:
+        if self.tls is None:
+            self._send(encode(packet))
+        else:
+            self.tls.write(encode(packet))
+            self._flush()
+
+    def receive(self) -> Any:
+        """The next packet from the server."""
+        while True:
+            if self.tls is None:
+                data = self._recv()
+            else:
+                try:
+                    data = self.tls.read(65536)
+                except ssl.SSLWantReadError:
+                    self._fill()
+                    continue
+            for packet in self.decoder.feed(data):
+                if isinstance(packet, P.Error):
+                    raise SystemExit(f"im58d-bench: ERROR {packet.code} {packet.message}")
+                return packet
+
+    def drop(self) -> float:
+        """Close without BYE (the session lingers); the milliseconds it took."""
+        elapsed = (time.perf_counter() - self.started) * 1000
+        self.sock.close()
+        return elapsed
+
+
+def connect_costs(port: int, tls_port: int, ca_cert: str, user: str, repeat: int
+                  ) -> dict[str, dict[str, Any]]:
+    """A fresh LOGIN and a RESUME of its session, over TCP, TLS 1.3 and 1.2,
+    each TLS one with a full handshake and with TLS session resumption."""
+    variants: list[tuple[str, ssl.SSLContext | None]] = [("tcp", None)]
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        verified = ssl.create_default_context(cafile=ca_cert)
+        verified.minimum_version = verified.maximum_version = version
+        variants.append((version.name.replace("v1_", "1.").lower(), verified))
+    costs: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, probe: Probe, im_bytes: int, times: list[float]) -> None:
+        costs[name] = {
+            "transport_rtt": 1 + probe.handshake_round_trips,
+            "session_rtt": probe.round_trips - probe.handshake_round_trips,
+            "im_bytes": im_bytes,
+            "tls_handshake_bytes": probe.handshake_bytes,
+            "wire_bytes": probe.sent + probe.received,
+            "ms_p50": round(percentile(times, 50), 2),
+        }
+
+    for name, context in variants:
+        times: dict[str, list[float]] = {}
+        last: dict[str, tuple[Probe, int]] = {}
+        for _ in range(repeat):
+            probe = Probe(tls_port if context is not None else port, context)
+            login = P.Login(user, PASSWORD, "bench")
+            probe.send(login)
+            welcome = probe.receive()
+            assert isinstance(welcome, P.Welcome), welcome
+            times.setdefault(f"{name}_login", []).append(probe.drop())
+            last[f"{name}_login"] = (probe, len(encode(login)) + len(encode(welcome)))
+            tls_session = probe.tls.session if probe.tls is not None else None
+            # the same session resumed on a full TLS handshake, then on TLS resumption
+            for reuse in (False, True) if context else (False,):
+                resume = Probe(tls_port if context else port, context,
+                               tls_session if reuse else None)
+                ts = int(time.time())
+                nonce = os.urandom(8)
+                mac = hmac.new(welcome.session_key,
+                               welcome.session_id + ts.to_bytes(8, "big") + nonce,
+                               hashlib.sha256).digest()[:16]
+                packet = P.Resume(welcome.session_id, ts, nonce, mac)
+                resume.send(packet)
+                resumed = resume.receive()
+                assert isinstance(resumed, P.Resumed), resumed
+                if resume.tls is not None and resume.tls.session_reused != reuse:
+                    raise SystemExit(f"im58d-bench: {name}: TLS session reused "
+                                     f"{resume.tls.session_reused}, expected {reuse}")
+                key = f"{name}_resume" + ("_tls_resumed" if reuse else "")
+                times.setdefault(key, []).append(resume.drop())
+                last[key] = (resume, len(encode(packet)) + len(encode(resumed)))
+        for key, (probe, im_bytes) in last.items():
+            record(key, probe, im_bytes, times[key])
+    return costs
+
+
+def connect_mode(repeat: int, keep: bool = False, config: str | None = None
+                 ) -> dict[str, dict[str, Any]]:
+    """``connect_costs`` on a daemon of the bench's own with a TLS listener."""
+    daemon = Daemon(0, keep, config, tls=True)
+    try:
+        # an account with the real password cost: a login's time is mostly scrypt
+        db = open_database(daemon.database)
+        with db.conn:
+            add_user_txn(db, "connect", hash_password(PASSWORD), 0)
+        db.conn.close()
+        return connect_costs(daemon.port, daemon.tls_port, daemon.ca_cert, "connect", repeat)
+    finally:
+        daemon.close()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="im58d-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=["all", "full", "paced", "bytes", "idle"], default="all")
+    p.add_argument("--mode", default="all",
+                   choices=["all", "full", "paced", "bytes", "idle", "connect"])
     p.add_argument("--pairs", type=int, default=50)
     p.add_argument("--window", type=int, default=16, help="messages in flight per sender")
     p.add_argument("--rate", type=float, default=2000.0, help="paced messages per second")
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per run")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--idle", type=int, default=5000, help="connections in idle mode")
+    p.add_argument("--repeat", type=int, default=20,
+                   help="logins and resumes per transport in connect mode")
     p.add_argument("--coalesce-acks", action="store_true",
                    help="ack once per read instead of once per MSG_N")
     p.add_argument("--target", help="HOST:PORT of a running daemon whose database has the "
@@ -412,6 +592,11 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         finally:
             if daemon is not None:
                 daemon.close()
+    if args.mode in ("all", "connect"):
+        if args.target:
+            raise SystemExit("im58d-bench: connect mode runs on the bench's own daemon")
+        for name, cost in connect_mode(args.repeat, args.keep, args.daemon_config).items():
+            report(name, cost)
     if args.json:
         print(json.dumps(results))
 
