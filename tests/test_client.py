@@ -353,6 +353,27 @@ class AckWaitTests(TwoDevices):
         self.assertEqual(out.state, DELIVERED)
         self.assertEqual([m.body for m in self.bob.shown], ["later"])
 
+    def test_send_window_after_a_reconnect(self) -> None:
+        """100 messages queued while the connection is down do not all go out
+        at once on the new connection: 32 MSG_Rs, then one more for each
+        MSG_A; all end delivered, each sent once."""
+        self.alice.link.cut()
+        self.settle()
+        outs = [self.alice.client.send(self.bob_uid, f"m{i}") for i in range(100)]
+        self.h.reactor.advance(2)  # the backoff: RESUME on a new connection
+        self.assertEqual(len(self.alice.links), 2)
+        pump = self.alice.link.pump
+        self.to_server(self.alice)
+        pump.clientIO.bufferReceived(pump.serverIO.getOutBuffer())  # RESUMED
+        data = pump.clientIO.getOutBuffer()
+        written = [p.cmid for p in Decoder().feed(data) if isinstance(p, P.MsgR)]
+        self.assertEqual(written, list(range(1, 33)))
+        pump.serverIO.bufferReceived(data)
+        self.settle()
+        self.assertEqual([o.state for o in outs], [DELIVERED] * 100)
+        self.assertEqual([o.transmissions for o in outs], [1] * 100)
+        self.assertEqual([m.body for m in self.bob.shown], [f"m{i}" for i in range(100)])
+
     def test_sent_before_start(self) -> None:
         """A message sent before start() waits for the first WELCOME."""
         carol_uid = add_user(self.h.store, "carol")

@@ -292,14 +292,14 @@ class TerminalClient(ProcessProtocol):
 class TerminalClientTests(DaemonWithUsers):
     @inlineCallbacks
     def test_terminal_client(self) -> Any:
-        """A person runs im58d-client: it logs in, shows a message that arrives
-        and sends one typed as "UID text", whose delivery it reports."""
+        """A person runs im58d-client: it finds the access server in the IP
+        list, logs in, shows a message that arrives and sends one typed as
+        "UID text", whose delivery it reports."""
         bob_state = os.path.abspath(self.mktemp())
         terminal = TerminalClient()
         reactor.spawnProcess(
             terminal, sys.executable,
             [sys.executable, "-m", "im58d.client.cli", "--user", "bob", "--password", "pw",
-             "--server", f"127.0.0.1:{self.daemon.access_port}",
              "--http", f"http://127.0.0.1:{self.daemon.http_port}", "--state", bob_state],
             env=environment(), path=ROOT,
         )

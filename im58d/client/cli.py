@@ -75,8 +75,11 @@ def show_status(terminal: Terminal, outgoing: Outgoing) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="im58d-client", description=__doc__.splitlines()[0])
-    p.add_argument("--server", default="127.0.0.1:5858", help="access server HOST:PORT")
+    p.add_argument("--server", help="access server HOST:PORT (default: chosen from the "
+                                    "IP list the HTTP server gives)")
     p.add_argument("--http", default="http://127.0.0.1:8058", help="HTTP base URL")
+    p.add_argument("--ca-cert", help="PEM file of the certificate(s) to trust for TLS "
+                                     "access servers (default: the system's)")
     p.add_argument("--user", required=True)
     p.add_argument("--password", help="default: $IM58D_PASSWORD, else asked")
     p.add_argument("--device", default="im58d-client")
@@ -86,13 +89,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def _run(reactor: Any, args: argparse.Namespace, password: str) -> None:
-    host, _, port = args.server.rpartition(":")
+    host, port = None, None
+    if args.server:
+        host, _, number = args.server.rpartition(":")
+        port = int(number)
     state = FileState(args.state or os.path.expanduser(f"~/.im58d-client-{args.user}.json"))
     done: Deferred[None] = Deferred()
-    client = Client(reactor, host, int(port), args.http, args.user, password, args.device, state)
+    client = Client(reactor, host, port, args.http, args.user, password, args.device, state,
+                    ca_cert=args.ca_cert)
     terminal = Terminal(client, done)
     client.on_message = lambda message: show_message(terminal, message)
     client.on_status = lambda outgoing: show_status(terminal, outgoing)
+    client.on_presence = lambda uid, online: terminal.say(
+        f"* {uid} is {'online' if online else 'offline'}")
     try:
         await client.start()
     except LoginFailed as e:
