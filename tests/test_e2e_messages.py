@@ -318,3 +318,25 @@ class TerminalClientTests(DaemonWithUsers):
         yield ensureDeferred(until(lambda: b"delivered" in terminal.output, what="receipt"))
         terminal.transport.write(b"/quit\n")  # type: ignore[union-attr]
         yield terminal.ended
+
+
+class RestartTests(DaemonWithUsers):
+    @inlineCallbacks
+    def test_resume_after_a_restart_logs_in(self) -> Any:
+        """The daemon is killed and started again: the sessions are gone, so
+        each client's RESUME gets 409 and it logs in on the same connection by
+        itself; the app sees no error, and what it sent while the daemon was
+        down is delivered."""
+        alice, bob = self.client("alice", min_backoff=0.05, max_backoff=0.2), self.client("bob")
+        yield alice.start()
+        yield bob.start()
+        yield self.daemon.stop(signal.SIGKILL)
+        yield ensureDeferred(until(lambda: not alice.connected, what="the drop"))
+        out = alice.send(self.uids["bob"], "sent while the daemon was down")
+        yield self.daemon.start()
+        yield ensureDeferred(until(lambda: out.state == DELIVERED, what="delivery"))
+        for client in (alice, bob):
+            self.assertTrue(client.connected)
+            self.assertEqual((client.logins, client.resumes), (2, 0))
+        self.assertEqual([m.body for m in bob.shown],  # type: ignore[attr-defined]
+                         ["sent while the daemon was down"])
