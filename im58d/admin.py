@@ -108,7 +108,9 @@ def group_create(db: sqlite_utils.Database, args: argparse.Namespace) -> str:
         raise AdminError("a group name must not be empty")
     owner = _uid(db, args.owner)
     members = [_uid(db, name) for name in args.member]
-    return str(create_group_txn(db, args.name, owner, members, int(time.time())))
+    return str(
+        create_group_txn(db, args.name, owner, members, int(time.time()), limit=args.max_members)
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -245,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config) if args.config else Config()
         path = args.database or config.database
+        args.max_members = config.max_members
         db = open_database(path, config.synchronous)
         try:
             output = run_in_transaction(db, args.run, args)

@@ -44,6 +44,8 @@ class Config:
     friends_only: bool = False
     retransmit: int = 10
     batch_window: int = 20
+    # [groups]
+    max_members: int = 500
     # [admin]
     admin_token: str = ""
     # [routing]
@@ -139,6 +141,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "friends_only": ("friends_only", _bool),
         "retransmit": ("retransmit", _int(1, 3600)),
         "batch_window": ("batch_window", _int(0, 1000)),
+    },
+    "groups": {
+        "max_members": ("max_members", _int(2, 100000)),
     },
     "admin": {
         "token": ("admin_token", _text),

@@ -302,6 +302,21 @@ class GroupTests(AdminTestCase):
         self.assertIn("ghost", line)
         self.assertEqual(self.dump(), before)
 
+    def test_group_size_limit(self) -> None:
+        """A group over ``[groups] max_members`` (owner included) is refused
+        with one line; nothing is written."""
+        self.add_users("alice", "bob", "carol")
+        config = str(self.mktemp()) + ".ini"
+        with open(config, "w") as f:
+            f.write("[groups]\nmax_members = 2\n")
+        before = self.dump()
+        line = self.fails("--config", config, "group", "create", "team", "--owner", "alice",
+                          "--member", "bob", "--member", "carol")
+        self.assertIn("at most 2 members", line)
+        self.assertEqual(self.dump(), before)
+        self.assertEqual(self.ok("--config", config, "group", "create", "pair", "--owner",
+                                 "alice", "--member", "bob"), "1\n")
+
     def test_empty_group_name(self) -> None:
         """A blank group name is refused."""
         self.add_users("alice")

@@ -70,15 +70,24 @@ class WebTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
 
     def test_gzip(self) -> None:
-        """Answers are gzip-compressed when the request accepts it."""
+        """Answers of 256 bytes or more are gzip-compressed when the request
+        accepts it; smaller ones are not (gzip would make them bigger)."""
         agent = RequestTraversalAgent(self.site.resource)
         headers = Headers({b"accept-encoding": [b"gzip"]})
+        small = self.successResultOf(
+            agent.request(b"GET", b"http://im58d.test/v1/iplist", headers)
+        )
+        self.assertIsNone(small.headers.getRawHeaders(b"content-encoding"))
+        self.assertLess(len(self.successResultOf(readBody(small))), 256)
+        servers = [parse_server(f"203.0.113.{i}:5858") for i in range(1, 11)]
+        site = make_site(IPList(servers), self.harness.sessions, self.harness.store)
+        agent = RequestTraversalAgent(site.resource)
         response = self.successResultOf(
             agent.request(b"GET", b"http://im58d.test/v1/iplist", headers)
         )
         self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
         body = self.successResultOf(readBody(response))
-        self.assertIn(b'"servers"', gzip.decompress(body))
+        self.assertIn(b'"203.0.113.10"', gzip.decompress(body))
 
     def test_unknown_path(self) -> None:
         """An unknown path is a JSON 404, not an HTML page."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from ..routing.interfaces import IRouter
@@ -57,7 +57,17 @@ class Presence:
         """Compare every session's list versions with the store's
         (housekeeping): lists changed elsewhere, by im58d-admin for one,
         reach the connected users as CHANGED within a round."""
-        sessions = {session.uid: session for session in self.router.sessions()}
+        return self._compare({session.uid: session for session in self.router.sessions()})
+
+    def lists_moved(self, uids: list[int]) -> Deferred[None]:
+        """These users' lists changed through this daemon: CHANGED now."""
+        session_for = self.router.session_for
+        sessions = {uid: s for uid in uids if (s := session_for(uid)) is not None}
+        return self._compare(sessions)
+
+    def _compare(self, sessions: dict[int, Any]) -> Deferred[None]:
+        if not sessions:
+            return succeed(None)
         d = self.store.list_versions(list(sessions))
 
         def compare(current: dict[int, tuple[int, ...]]) -> None:

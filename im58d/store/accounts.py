@@ -12,11 +12,20 @@ from .interfaces import Conflict, NotFound, StoreError
 # -- accounts ---------------------------------------------------------------
 
 
+def next_row_version(db: sqlite_utils.Database) -> int:
+    """The next user or group row version: one counter for all rows."""
+    return int(
+        db.execute(
+            "UPDATE counters SET value = value + 1 WHERE name = 'row_version' RETURNING value"
+        ).fetchone()[0]
+    )
+
+
 def add_user_txn(db: sqlite_utils.Database, name: str, password_hash: str, now: int) -> int:
     try:
         cur = db.execute(
-            "INSERT INTO users (name, password, nick, created) VALUES (?, ?, ?, ?)",
-            (name, password_hash, name, now),
+            "INSERT INTO users (name, password, nick, created, version) VALUES (?, ?, ?, ?, ?)",
+            (name, password_hash, name, now, next_row_version(db)),
         )
     except sqlite3.IntegrityError:
         raise Conflict(f"user {name!r} exists") from None
@@ -108,12 +117,25 @@ def make_friends_txn(db: sqlite_utils.Database, uid1: int, uid2: int, now: int) 
 
 
 def create_group_txn(
-    db: sqlite_utils.Database, name: str, owner: int, members: list[int], now: int
+    db: sqlite_utils.Database,
+    name: str,
+    owner: int,
+    members: list[int],
+    now: int,
+    intro: str = "",
+    limit: int | None = None,
 ) -> int:
+    """A group owned by ``owner`` with ``members`` (the owner is one);
+    Conflict past ``limit`` members."""
     everyone = [owner] + [uid for uid in dict.fromkeys(members) if uid != owner]
+    if limit is not None and len(everyone) > limit:
+        raise Conflict(f"a group has at most {limit} members")
     _require_users(db, everyone)
+    version = next_row_version(db)
     cur = db.execute(
-        "INSERT INTO groups (name, owner, created) VALUES (?, ?, ?)", (name, owner, now)
+        "INSERT INTO groups (name, intro, owner, created, version, members_version) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (name, intro, owner, now, version, version),
     )
     gid = int(cur.lastrowid or 0)
     db.conn.executemany(

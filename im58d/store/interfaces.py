@@ -24,6 +24,14 @@ class NotFound(StoreError):
     """No such user or group."""
 
 
+class Forbidden(StoreError):
+    """The user may not do this (not a member, not the owner, ...)."""
+
+
+class Invalid(StoreError):
+    """A request that makes no sense (befriending oneself, ...)."""
+
+
 class IStore(Interface):
     path = Attribute("Where the data lives, for logs and errors.")
 
@@ -60,9 +68,66 @@ class IStore(Interface):
         """Make two users friends both ways; Conflict when they are already."""
 
     def create_group(
-        name: str, owner: int, members: list[int], now: int
+        name: str, owner: int, members: list[int], now: int, intro: str = "",
+        limit: int | None = None,
     ) -> Deferred[int]:
         """Create a group owned by ``owner`` with ``members``; fires with its gid."""
+
+    def versions(uid: int) -> Deferred[dict[str, int]]:
+        """``{"friends", "groups", "categories", "me", "friend_rows",
+        "group_rows"}``: see ``im58d.store.lists.versions_txn``."""
+
+    def friends(uid: int) -> Deferred[tuple[int, list[list[int]]]]:
+        """The friend list version and ``[[uid, category], ...]``."""
+
+    def categories(uid: int) -> Deferred[tuple[int, list[list[Any]]]]:
+        """The category list version and ``[[id, name], ...]``."""
+
+    def groups(uid: int) -> Deferred[tuple[int, list[int]]]:
+        """The group list version and the gids."""
+
+    def users_sync(uid: int, have: dict[int, int]) -> Deferred[list[dict[str, Any]]]:
+        """Details of the visible users in ``have`` newer than its versions."""
+
+    def groups_sync(uid: int, have: dict[int, int]) -> Deferred[list[dict[str, Any]]]:
+        """Details of the user's groups in ``have`` newer than its versions."""
+
+    def members(uid: int, gid: int) -> Deferred[tuple[int, list[int]]]:
+        """A group's members version and uids; NotFound, Forbidden."""
+
+    def friend_requests(uid: int) -> Deferred[list[dict[str, int]]]:
+        """Pending requests to the user: ``[{"uid", "ts"}]``."""
+
+    def update_profile(uid: int, changes: dict[str, Any]) -> Deferred[int]:
+        """Change nick, gender or birthday; fires with the row's new version."""
+
+    def request_friend(
+        uid: int, other: int, category: int, now: int
+    ) -> Deferred[tuple[bool, list[int]]]:
+        """Ask ``other`` (or accept their request): ``(friends now, uids moved)``."""
+
+    def remove_friend(uid: int, other: int) -> Deferred[list[int]]:
+        """End a friendship both ways; the uids whose lists moved."""
+
+    def add_category(uid: int, name: str) -> Deferred[tuple[int, int]]:
+        """A new category: ``(id, category list version)``."""
+
+    def set_category(uid: int, friend: int, category: int) -> Deferred[int]:
+        """File a friend under a category; the friend list version."""
+
+    def new_group(
+        uid: int, name: str, intro: str, members: list[int], limit: int, now: int
+    ) -> Deferred[tuple[int, int, list[int]]]:
+        """A group the user makes: ``(gid, version, uids whose lists moved)``."""
+
+    def add_member(
+        uid: int, gid: int, new: int, limit: int, now: int
+    ) -> Deferred[tuple[list[int], int, int]]:
+        """A member adds a user: ``(uids moved, members_version, version)``."""
+
+    def remove_member(uid: int, gid: int, target: int) -> Deferred[tuple[list[int], int, int]]:
+        """Leave, or (owner) remove a member: ``(uids moved, members_version,
+        version)``."""
 
     # inbox
     def inbox_max(uid: int) -> Deferred[int]:

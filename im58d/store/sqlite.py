@@ -36,6 +36,24 @@ from .accounts import (
 )
 from .inbox import AckResult, Submitted, deliver_txn, inbox_max_txn, inbox_txn, status_txn
 from .interfaces import IStore, StoreError
+from .lists import (
+    add_category_txn,
+    add_member_txn,
+    categories_txn,
+    friend_requests_txn,
+    friends_txn,
+    groups_sync_txn,
+    groups_txn,
+    members_txn,
+    new_group_txn,
+    remove_friend_txn,
+    remove_member_txn,
+    request_friend_txn,
+    set_category_txn,
+    update_profile_txn,
+    users_sync_txn,
+    versions_txn,
+)
 
 log = Logger()
 
@@ -342,9 +360,66 @@ class SQLiteStore:
         return self._run(make_friends_txn, uid1, uid2, now)
 
     def create_group(
-        self, name: str, owner: int, members: list[int], now: int
+        self, name: str, owner: int, members: list[int], now: int, intro: str = "",
+        limit: int | None = None,
     ) -> Deferred[int]:
-        return self._run(create_group_txn, name, owner, members, now)
+        return self._run(create_group_txn, name, owner, members, now, intro, limit)
+
+    def versions(self, uid: int) -> Deferred[dict[str, int]]:
+        return self._run(versions_txn, uid, write=False)
+
+    def friends(self, uid: int) -> Deferred[tuple[int, list[list[int]]]]:
+        return self._run(friends_txn, uid, write=False)
+
+    def categories(self, uid: int) -> Deferred[tuple[int, list[list[Any]]]]:
+        return self._run(categories_txn, uid, write=False)
+
+    def groups(self, uid: int) -> Deferred[tuple[int, list[int]]]:
+        return self._run(groups_txn, uid, write=False)
+
+    def users_sync(self, uid: int, have: dict[int, int]) -> Deferred[list[dict[str, Any]]]:
+        return self._run(users_sync_txn, uid, have, write=False)
+
+    def groups_sync(self, uid: int, have: dict[int, int]) -> Deferred[list[dict[str, Any]]]:
+        return self._run(groups_sync_txn, uid, have, write=False)
+
+    def members(self, uid: int, gid: int) -> Deferred[tuple[int, list[int]]]:
+        return self._run(members_txn, uid, gid, write=False)
+
+    def friend_requests(self, uid: int) -> Deferred[list[dict[str, int]]]:
+        return self._run(friend_requests_txn, uid, write=False)
+
+    def update_profile(self, uid: int, changes: dict[str, Any]) -> Deferred[int]:
+        return self._run(update_profile_txn, uid, changes)
+
+    def request_friend(
+        self, uid: int, other: int, category: int, now: int
+    ) -> Deferred[tuple[bool, list[int]]]:
+        return self._run(request_friend_txn, uid, other, category, now)
+
+    def remove_friend(self, uid: int, other: int) -> Deferred[list[int]]:
+        return self._run(remove_friend_txn, uid, other)
+
+    def add_category(self, uid: int, name: str) -> Deferred[tuple[int, int]]:
+        return self._run(add_category_txn, uid, name)
+
+    def set_category(self, uid: int, friend: int, category: int) -> Deferred[int]:
+        return self._run(set_category_txn, uid, friend, category)
+
+    def new_group(
+        self, uid: int, name: str, intro: str, members: list[int], limit: int, now: int
+    ) -> Deferred[tuple[int, int, list[int]]]:
+        return self._run(new_group_txn, uid, name, intro, members, limit, now)
+
+    def add_member(
+        self, uid: int, gid: int, new: int, limit: int, now: int
+    ) -> Deferred[tuple[list[int], int, int]]:
+        return self._run(add_member_txn, uid, gid, new, limit, now)
+
+    def remove_member(
+        self, uid: int, gid: int, target: int
+    ) -> Deferred[tuple[list[int], int, int]]:
+        return self._run(remove_member_txn, uid, gid, target)
 
     def inbox_max(self, uid: int) -> Deferred[int]:
         return self._run(inbox_max_txn, uid, write=False)

@@ -34,6 +34,7 @@ def dumps(value: Any) -> bytes:
 
 _GZIP = GzipEncoderFactory()
 _GZIP.compressLevel = 6  # level 9 costs much more CPU for a few bytes
+GZIP_FROM = 256
 
 
 def respond(request: Request, value: Any, status: int = 200) -> bytes:
@@ -41,12 +42,16 @@ def respond(request: Request, value: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON)
     request.setHeader(b"cache-control", b"no-store")
+    body = dumps(value)
     # What EncodingResourceWrapper does, but for every JSON body of the tree
-    # and never for bodiless answers (a 304 must stay empty).
-    encoder = _GZIP.encoderForRequest(request)
-    if encoder is not None:
-        request._encoder = encoder
-    return dumps(value)
+    # big enough to gain from it, and never for bodiless answers (a 304 must
+    # stay empty): below GZIP_FROM bytes the gzip header and the chunked
+    # framing cost more than compression saves.
+    if len(body) >= GZIP_FROM:
+        encoder = _GZIP.encoderForRequest(request)
+        if encoder is not None:
+            request._encoder = encoder
+    return body
 
 
 def error_body(request: Request, error: HTTPError) -> bytes:
@@ -55,7 +60,7 @@ def error_body(request: Request, error: HTTPError) -> bytes:
     )
 
 
-def not_modified(request: Request, version: int) -> bool:
+def not_modified(request: Request, version: int | str) -> bool:
     """Set ``ETag`` to the version; True (and 304) when the client has it."""
     tag = f'"{version}"'
     request.setHeader(b"etag", tag.encode("ascii"))
@@ -81,23 +86,9 @@ class JSONResource(Resource):
     isLeaf = True
 
     def render(self, request: Request) -> Any:
-        if request.postpath and any(request.postpath):
-            path = request.path.decode("utf-8", "replace")
-            return error_body(request, HTTPError(404, "not_found", f"no resource at {path}"))
-        method = request.method.decode("ascii", "replace")
-        if method == "HEAD":
-            method = "GET"
-        handler = getattr(self, f"render_{method}", None)
-        if handler is None:
-            allowed = sorted(
-                name[7:] for name in dir(self) if name.startswith("render_") and name[7:].isupper()
-            )
-            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
-            return error_body(
-                request, HTTPError(405, "method_not_allowed", f"{method} is not allowed here")
-            )
         try:
-            result = handler(request)
+            handler, args = self.handler_for(request)
+            result = handler(request, *args)
         except HTTPError as e:
             return error_body(request, e)
         except Exception:
@@ -107,6 +98,63 @@ class JSONResource(Resource):
             result.addCallback(_finish, request)
             return NOT_DONE_YET
         return result
+
+    def handler_for(self, request: Request) -> tuple[Any, tuple[Any, ...]]:
+        """The bound ``render_<METHOD>`` for the request, and its arguments
+        from the path; HTTPError 404 or 405."""
+        if request.postpath and any(request.postpath):
+            raise _not_found(request)
+        return self._method(request, self, "render"), ()
+
+    @staticmethod
+    def _method(request: Request, target: Any, prefix: str) -> Any:
+        method = request.method.decode("ascii", "replace")
+        if method == "HEAD":
+            method = "GET"
+        handler = getattr(target, f"{prefix}_{method}", None)
+        if handler is None:
+            n = len(prefix) + 1
+            allowed = sorted(
+                name[n:] for name in dir(target)
+                if name.startswith(prefix + "_") and name[n:].isupper()
+            )
+            if "GET" in allowed:
+                allowed = sorted({*allowed, "HEAD"})
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+            raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here")
+        return handler
+
+
+def _not_found(request: Request) -> HTTPError:
+    path = request.path.decode("utf-8", "replace")
+    return HTTPError(404, "not_found", f"no resource at {path}")
+
+
+class Routed(JSONResource):
+    """A leaf that serves a few paths below itself: ``routes`` maps a pattern
+    (a tuple of literal segments and ``int`` for an id) to a handler prefix;
+    the prefix's ``<prefix>_<METHOD>`` methods get the ids as arguments."""
+
+    routes: tuple[tuple[tuple[Any, ...], str], ...] = ()
+
+    def handler_for(self, request: Request) -> tuple[Any, tuple[Any, ...]]:
+        path = [segment.decode("utf-8", "replace") for segment in request.postpath or []]
+        if path and path[-1] == "":
+            path.pop()  # a trailing slash
+        for pattern, prefix in self.routes:
+            if len(pattern) != len(path):
+                continue
+            args: list[int] = []
+            for want, segment in zip(pattern, path, strict=True):
+                if want is int:
+                    if not (segment.isascii() and segment.isdigit()) or len(segment) > 18:
+                        break
+                    args.append(int(segment))
+                elif want != segment:
+                    break
+            else:
+                return self._method(request, self, prefix), tuple(args)
+        raise _not_found(request)
 
 
 def _error_or_500(failure: Failure, request: Request) -> bytes:
@@ -215,11 +263,17 @@ class BoundedRequest(Request):
             return
         super().handleContentChunk(data)
 
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # "Server: TwistedWeb/x.y" is 28 bytes on every answer, and news
+            # for whoever scans for versions
+            self.responseHeaders.removeHeader(b"server")
+        super().write(data)
+
 
 class NotFound(JSONResource):
     def render(self, request: Request) -> bytes:
-        path = request.path.decode("utf-8", "replace")
-        return error_body(request, HTTPError(404, "not_found", f"no resource at {path}"))
+        return error_body(request, _not_found(request))
 
 
 class Directory(Resource):

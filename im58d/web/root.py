@@ -9,6 +9,14 @@ from twisted.web.server import Request, Site
 from ..routing.iplist import IPList
 from ..store.interfaces import IStore
 from .inbox import InboxResource, StatusResource
+from .lists import (
+    CategoriesResource,
+    FriendsResource,
+    GroupsResource,
+    MeResource,
+    UsersResource,
+    VersionsResource,
+)
 from .resource import BoundedRequest, Directory, JSONResource, not_modified, respond
 from .session import LoginResource
 
@@ -26,7 +34,8 @@ class IPListResource(JSONResource):
         return respond(request, self.iplist.as_json())
 
 
-def make_root(iplist: IPList, sessions: Any, store: IStore) -> Directory:
+def make_root(iplist: IPList, sessions: Any, store: IStore, max_members: int = 500
+              ) -> Directory:
     root = Directory()
     v1 = Directory()
     root.putChild(b"v1", v1)
@@ -35,10 +44,17 @@ def make_root(iplist: IPList, sessions: Any, store: IStore) -> Directory:
     v1.putChild(b"login", LoginResource(sessions, iplist))
     v1.putChild(b"inbox", InboxResource(router, store))
     v1.putChild(b"status", StatusResource(router, store))
+    lists = (router, store, sessions.presence, sessions.clock)
+    v1.putChild(b"versions", VersionsResource(*lists))
+    v1.putChild(b"friends", FriendsResource(*lists))
+    v1.putChild(b"categories", CategoriesResource(*lists))
+    v1.putChild(b"groups", GroupsResource(*lists, max_members))
+    v1.putChild(b"users", UsersResource(*lists))
+    v1.putChild(b"me", MeResource(*lists))
     return root
 
 
-def make_site(iplist: IPList, sessions: Any, store: IStore) -> Site:
-    site = Site(make_root(iplist, sessions, store), requestFactory=BoundedRequest)
+def make_site(iplist: IPList, sessions: Any, store: IStore, max_members: int = 500) -> Site:
+    site = Site(make_root(iplist, sessions, store, max_members), requestFactory=BoundedRequest)
     site.displayTracebacks = False
     return site
