@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import resource
 import shutil
 import socket
@@ -35,13 +36,22 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
 
 from .admin import make_certificate
+from .client.cache import Cache
+from .client.sync import Sync
 from .logic.passwords import hash_password
-from .store.accounts import add_user_txn
+from .store.accounts import add_user_txn, create_group_txn, make_friends_txn, uid_for_name_txn
+from .store.lists import add_category_txn
 from .store.sqlite import open_database
 from .wire import Decoder, encode, frame
 from .wire import packets as P
@@ -521,10 +531,250 @@ def connect_mode(repeat: int, keep: bool = False, config: str | None = None
         daemon.close()
 
 
+# -- sync mode: the bytes of keeping a contact list in step -----------------
+
+
+class WireMeter:
+    """Bytes through the bench's HTTP sockets, both ways, and requests made."""
+
+    def __init__(self) -> None:
+        self.up = 0
+        self.down = 0
+        self.requests = 0
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.requests, self.up, self.down
+
+
+class _CountingWrapper(ProtocolWrapper):
+    """Counts every byte written to and read from the socket: the raw HTTP
+    messages, request and status lines, headers and (chunked, gzipped or
+    not) bodies."""
+
+    factory: _CountingFactory
+
+    def write(self, data: bytes) -> None:
+        self.factory.meter.up += len(data)
+        super().write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        data = list(data)
+        self.factory.meter.up += sum(len(chunk) for chunk in data)
+        super().writeSequence(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.meter.down += len(data)
+        super().dataReceived(data)
+
+
+class _CountingFactory(WrappingFactory):
+    protocol = _CountingWrapper
+
+    def __init__(self, wrapped: Any, meter: WireMeter) -> None:
+        super().__init__(wrapped)
+        self.meter = meter
+
+
+@implementer(IStreamClientEndpoint)
+class _CountingEndpoint:
+    def __init__(self, endpoint: Any, meter: WireMeter) -> None:
+        self.endpoint = endpoint
+        self.meter = meter
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = self.endpoint.connect(_CountingFactory(factory, self.meter))
+        return d.addCallback(lambda wrapper: wrapper.wrappedProtocol)
+
+
+@implementer(IAgentEndpointFactory)
+class _CountingEndpoints:
+    def __init__(self, reactor: Any, meter: WireMeter) -> None:
+        self.reactor = reactor
+        self.meter = meter
+
+    def endpointForURI(self, uri: Any) -> _CountingEndpoint:
+        endpoint = TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port)
+        return _CountingEndpoint(endpoint, self.meter)
+
+
+@implementer(IAgent)
+class _MeteredAgent:
+    """Counts requests; without gzip, drops the ``Accept-Encoding`` that treq
+    always adds, so that the server answers uncompressed."""
+
+    def __init__(self, agent: Any, meter: WireMeter, gzip: bool) -> None:
+        self.agent = agent
+        self.meter = meter
+        self.gzip = gzip
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> defer.Deferred[Any]:
+        self.meter.requests += 1
+        if not self.gzip and headers is not None:
+            headers.removeHeader(b"accept-encoding")
+        d: defer.Deferred[Any] = self.agent.request(method, uri, headers, bodyProducer)
+        return d
+
+
+class _Session:
+    """What ``Sync`` needs of a logged-in client."""
+
+    def __init__(self, http: Any, http_url: str, token: str, uid: int) -> None:
+        self.http = http
+        self.http_url = http_url
+        self.token = token
+        self.uid = uid
+
+
+_NICK = "明华晓丽建国伟芳静强军磊洋艳勇杰娟涛超秀英霞平刚桂兰"
+_WORDS = "今天天气很好我们一起去吃饭周末爬山读书摄影旅行跑步篮球交流群欢迎新朋友"
+
+
+def populate_sync_world(database: str, friends: int, categories: int, groups: int,
+                        group_size: int) -> None:
+    """bench0 with ``friends`` friends (bench1..) spread over ``categories``
+    categories and ``groups`` groups it owns of ``group_size`` friends each;
+    Chinese nicks, genders and birthdays, group names and intros; the same
+    every run (a fixed seed)."""
+    rng = random.Random(58)
+    db = open_database(database)
+    db.conn.execute("BEGIN")
+    me = uid_for_name_txn(db, "bench0")
+    assert me is not None
+    cids = [add_category_txn(db, me, f"分组{i}")[0] for i in range(categories)]
+    uids = []
+    for i in range(1, friends + 1):
+        uid = uid_for_name_txn(db, f"bench{i}")
+        assert uid is not None
+        uids.append(uid)
+        nick = "".join(rng.choice(_NICK) for _ in range(rng.randint(2, 3)))
+        birthday = (f"{rng.randint(1960, 2005)}-{rng.randint(1, 12):02}-{rng.randint(1, 28):02}"
+                    if rng.random() < 0.7 else None)
+        db.execute("UPDATE users SET nick = ?, gender = ?, birthday = ? WHERE id = ?",
+                   (nick, rng.randint(0, 2), birthday, uid))
+        make_friends_txn(db, me, uid, 0)
+        db.execute("UPDATE friends SET category = ? WHERE uid = ? AND friend = ?",
+                   (cids[i % len(cids)] if cids else 0, me, uid))
+    for _ in range(groups):
+        name = "".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 8)))
+        intro = "".join(rng.choice(_WORDS) for _ in range(rng.randint(10, 40)))
+        create_group_txn(db, name, me, rng.sample(uids, min(group_size, len(uids))), 0, intro)
+    db.conn.execute("COMMIT")
+    db.conn.close()
+
+
+async def sync_costs(reactor: Any, http_port: int, screen: int = 20
+                     ) -> dict[str, dict[str, Any]]:
+    """The requests and bytes on the wire (both ways, HTTP headers included)
+    of the SDK's ``Sync`` for bench0, with and without gzip: a cold sync, a
+    first screen of ``screen`` friends, a warm sync with nothing changed, a
+    sync after one friend on screen changed their nick (with the screen's
+    refresh), everything pulled through the sync (a cold cache, then every
+    detail and member list) and the naive pull of an app without versions
+    (every list and every detail; then also every group's members)."""
+    costs: dict[str, dict[str, Any]] = {}
+    for gzip in (True, False):
+        costs.update(await _sync_costs(reactor, f"http://127.0.0.1:{http_port}", gzip, screen))
+    return costs
+
+
+async def _sync_costs(reactor: Any, url: str, gzip: bool, screen: int
+                      ) -> dict[str, dict[str, Any]]:
+    costs: dict[str, dict[str, Any]] = {}
+    meter = WireMeter()
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    agent = Agent.usingEndpointFactory(reactor, _CountingEndpoints(reactor, meter), pool)
+    http = HTTPClient(_MeteredAgent(agent, meter, gzip))
+
+    async def call(method: str, path: str, token: str, body: Any = None) -> Any:
+        headers: dict[bytes | str, bytes | str] = {"Authorization": f"Bearer {token}"}
+        if body is None:
+            response = await http.request(method, url + path, headers=headers)
+        else:
+            response = await http.request(method, url + path, headers=headers, json=body)
+        content = await response.content()
+        if response.code != 200:
+            raise SystemExit(f"im58d-bench: {method} {path}: {response.code} {content!r}")
+        return json.loads(content)
+
+    async def login(user: str) -> dict[str, Any]:
+        response = await http.post(url + "/v1/login", json={
+            "user": user, "password": PASSWORD, "device": "bench"})
+        answer: dict[str, Any] = json.loads(await response.content())
+        return answer
+
+    async def measure(name: str, *steps: Callable[[], Any]) -> None:
+        before = meter.snapshot()
+        t0 = time.perf_counter()
+        for step in steps:
+            await defer.ensureDeferred(step())
+        elapsed = time.perf_counter() - t0
+        requests, up, down = (b - a for a, b in zip(before, meter.snapshot(), strict=True))
+        costs[f"{name}_{'gzip' if gzip else 'plain'}"] = {
+            "requests": requests, "bytes_up": up, "bytes_down": down,
+            "bytes": up + down, "ms": round(elapsed * 1000, 1)}
+
+    me = await login("bench0")
+    token = me["token"]
+    session = _Session(http, url, token, me["uid"])
+    sync = Sync(Cache(), session)
+    friend_ids = [u for u, _ in (await call("GET", "/v1/friends", token))["friends"]]
+    shown = friend_ids[:screen]
+    await measure("cold_sync", sync.run)
+    await measure("first_screen", lambda: sync.show(shown))
+    await measure("warm_unchanged", sync.run)
+    other = await login(f"bench{shown[0] - me['uid']}")
+    await call("PATCH", "/v1/me", other["token"], {"nick": f"改名{'甲' if gzip else '乙'}"})
+    await measure("one_nick_changed", sync.run, lambda: sync.show(shown))
+    everything = Sync(Cache(), session)
+
+    async def all_members() -> None:
+        for gid in everything.cache.groups():
+            await everything.members(gid)
+
+    await measure("cold_everything", everything.run,
+                  lambda: everything.show(friend_ids),
+                  lambda: everything.show_groups(everything.cache.groups()),
+                  all_members)
+    lists: dict[str, Any] = {}
+
+    async def naive_lists() -> None:
+        for name in ("friends", "categories", "groups"):
+            lists[name] = await call("GET", f"/v1/{name}", token)
+
+    async def naive_details() -> None:
+        have = {str(u): 0 for u, _ in lists["friends"]["friends"]}
+        await call("POST", "/v1/users/sync", token, {"have": have})
+        have = {str(g): 0 for g in lists["groups"]["groups"]}
+        await call("POST", "/v1/groups/sync", token, {"have": have})
+
+    async def naive_members() -> None:
+        for gid in lists["groups"]["groups"]:
+            await call("GET", f"/v1/groups/{gid}/members", token)
+
+    await measure("naive_lists_details", naive_lists, naive_details)
+    await measure("naive_with_members", naive_lists, naive_details, naive_members)
+    await pool.closeCachedConnections()
+    return costs
+
+
+async def sync_mode(reactor: Any, keep: bool = False, config: str | None = None,
+                    friends: int = 500, categories: int = 5, groups: int = 50,
+                    group_size: int = 20) -> dict[str, dict[str, Any]]:
+    """``sync_costs`` on a daemon of the bench's own with the world built
+    straight in its database."""
+    daemon = Daemon(friends + 1, keep, config)
+    try:
+        populate_sync_world(daemon.database, friends, categories, groups, group_size)
+        return await sync_costs(reactor, daemon.http_port)
+    finally:
+        daemon.close()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="im58d-bench", description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="all",
-                   choices=["all", "full", "paced", "bytes", "idle", "connect"])
+                   choices=["all", "full", "paced", "bytes", "idle", "connect", "sync"])
     p.add_argument("--pairs", type=int, default=50)
     p.add_argument("--window", type=int, default=16, help="messages in flight per sender")
     p.add_argument("--rate", type=float, default=2000.0, help="paced messages per second")
@@ -533,6 +783,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=int, default=5000, help="connections in idle mode")
     p.add_argument("--repeat", type=int, default=20,
                    help="logins and resumes per transport in connect mode")
+    p.add_argument("--friends", type=int, default=500, help="friends of the user in sync mode")
+    p.add_argument("--categories", type=int, default=5, help="their categories in sync mode")
+    p.add_argument("--groups", type=int, default=50, help="the user's groups in sync mode")
     p.add_argument("--coalesce-acks", action="store_true",
                    help="ack once per read instead of once per MSG_N")
     p.add_argument("--target", help="HOST:PORT of a running daemon whose database has the "
@@ -596,6 +849,13 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         if args.target:
             raise SystemExit("im58d-bench: connect mode runs on the bench's own daemon")
         for name, cost in connect_mode(args.repeat, args.keep, args.daemon_config).items():
+            report(name, cost)
+    if args.mode in ("all", "sync"):
+        if args.target:
+            raise SystemExit("im58d-bench: sync mode runs on the bench's own daemon")
+        costs = await sync_mode(reactor, args.keep, args.daemon_config, args.friends,
+                                args.categories, args.groups)
+        for name, cost in costs.items():
             report(name, cost)
     if args.json:
         print(json.dumps(results))

@@ -1,17 +1,24 @@
 """The reference client SDK: what a mobile app does against an im58d server."""
 
+from .cache import Cache, Group, User
 from .client import DELIVERED, FAILED, SENT, STORED, Client, LoginFailed, Message, Outgoing
 from .state import ClientState, FileState
+from .sync import Sync, SyncError
 
 __all__ = [
     "DELIVERED",
     "FAILED",
     "SENT",
     "STORED",
+    "Cache",
     "Client",
     "ClientState",
     "FileState",
+    "Group",
     "LoginFailed",
     "Message",
     "Outgoing",
+    "Sync",
+    "SyncError",
+    "User",
 ]

@@ -7,7 +7,9 @@
   and pulls the inbox gap over HTTP after WELCOME and whenever a seq is
   missing;
 - tells the app, per sent message, "sent", "stored" (MSG_A) and "delivered"
-  (ACK_N, or ``POST /v1/status``).
+  (ACK_N, or ``POST /v1/status``);
+- with a ``Sync``, keeps a local cache of lists and details in step after
+  WELCOME, RESUMED and CHANGED (``im58d.client.sync``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from zope.interface import implementer
 from ..wire import Decoder, WireError, encode
 from ..wire import packets as P
 from .state import ClientState
+from .sync import Sync
 
 log = Logger()
 
@@ -156,6 +159,7 @@ class Client:
         max_body: int = 4096,
         ca_cert: str | None = None,
         send_window: int = 32,
+        sync: Sync | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
@@ -177,6 +181,10 @@ class Client:
         self.max_backoff = max_backoff
         self.max_body = max_body
         self.http = http or HTTPClient(Agent(reactor))
+        # the cache of lists and details, synced after WELCOME, RESUMED, CHANGED
+        self.sync = sync
+        if sync is not None:
+            sync.attach(self)
         # session
         self.uid: int | None = None
         self.token: str | None = None
@@ -432,6 +440,8 @@ class Client:
             self._fetch_iplist().addErrback(
                 lambda f: log.warn("IP list refresh failed: {e}", e=f.getErrorMessage())
             )
+        if self.sync is not None:
+            self._synced(self.sync.run())
         started, self._started = self._started, None
         if started is not None:
             started.callback(None)
@@ -663,6 +673,13 @@ class Client:
 
     def _on_changed(self, changed: P.Changed) -> None:
         self.on_changed(changed.what, changed.version)
+        if self.sync is not None:
+            self._synced(self.sync.changed(changed.what, changed.version))
+
+    @staticmethod
+    def _synced(d: Deferred[set[str]]) -> None:
+        # a failed sync left the cache as it was: the next one asks again
+        d.addErrback(lambda f: log.warn("sync failed: {e}", e=f.getErrorMessage()))
 
     _handlers: dict[type, Callable[[Client, Any], None]] = {
         P.Presence: _on_presence,
