@@ -10,6 +10,7 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from im58d.store.accounts import add_user_txn
 from im58d.store.interfaces import Conflict, NotFound, StoreError
 from im58d.store.sqlite import (
     SQLiteStore,
@@ -46,6 +47,28 @@ class SchemaTests(SynchronousTestCase):
         self.assertEqual(again.execute("SELECT name FROM users").fetchall(), [("a",)])
         self.assertEqual(migrate(again), schema_scripts()[-1][0])
         again.conn.close()
+
+    def test_upgrade_from_version_1(self) -> None:
+        """A version-1 database with users and groups is upgraded in place:
+        the data stays, and rows changed afterwards get versions above every
+        version given before (clients compare them)."""
+        path = self.mktemp()
+        conn = sqlite3.connect(path)
+        number, sql = schema_scripts()[0]
+        self.assertEqual(number, 1)
+        conn.executescript(sql + "\nPRAGMA user_version = 1;")
+        conn.execute("INSERT INTO users (name, password, created, version) "
+                     "VALUES ('a', 'x', 0, 7)")
+        conn.execute("INSERT INTO groups (name, owner, created, version) VALUES ('g', 1, 0, 9)")
+        conn.commit()
+        conn.close()
+        db = open_database(path)
+        self.assertEqual(schema_version(db), schema_scripts()[-1][0])
+        self.assertEqual(db.execute("SELECT name, version FROM users").fetchall(), [("a", 7)])
+        uid = add_user_txn(db, "b", "x", 0)
+        [(version,)] = db.execute("SELECT version FROM users WHERE id = ?", (uid,)).fetchall()
+        self.assertGreater(version, 9)
+        db.conn.close()
 
     def test_newer_schema_refused(self) -> None:
         """A database made by a newer im58d is refused with a clear reason."""
