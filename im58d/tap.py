@@ -234,7 +234,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     factory.handlers[P.MsgR] = messenger.on_msg_r
     factory.handlers[P.AckR] = messenger.on_ack_r
-    site = make_site(iplist, sessions, store, config.max_members)
+    site = make_site(iplist, sessions, store, config.max_members, config.admin_token)
     listeners = _listeners(reactor, config, "http", site)
     listeners += _listeners(reactor, config, "access", factory)
     try:

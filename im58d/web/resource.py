@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hmac
+import ipaddress
 import json
 from typing import Any
 
@@ -238,15 +240,57 @@ class AuthResource(JSONResource):
         self.router = router
 
     def session(self, request: Request) -> Any:
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        session = None
-        if scheme.lower() == "bearer" and token.strip():
-            session = self.router.session_by_token(token.strip())
+        token = _bearer(request)
+        session = self.router.session_by_token(token) if token else None
         if session is None:
             request.setHeader(b"www-authenticate", b"Bearer")
             raise HTTPError(401, "unauthorized", "log in first (Authorization: Bearer TOKEN)")
         return session
+
+
+def _bearer(request: Request) -> str:
+    header = request.getHeader(b"authorization") or b""
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+class AdminResource(JSONResource):
+    """A resource for operators: ``Authorization: Bearer <[admin] token>``.
+
+    Off (403) while the config has no admin token; 401 without a bearer
+    token, 403 with a wrong one.  ``local_ok``: requests from a loopback
+    address need no token (``/metrics`` for a scraper on the same host).
+    """
+
+    local_ok = False
+
+    def __init__(self, admin_token: str) -> None:
+        super().__init__()
+        self.admin_token = admin_token
+
+    def check_admin(self, request: Request) -> None:
+        if self.local_ok and _is_loopback(request):
+            return
+        if not self.admin_token:
+            raise HTTPError(403, "forbidden", "admin endpoints are off: set [admin] token")
+        token = _bearer(request)
+        if not token:
+            request.setHeader(b"www-authenticate", b"Bearer")
+            raise HTTPError(401, "unauthorized", "Authorization: Bearer ADMIN_TOKEN needed")
+        if not hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            raise HTTPError(403, "forbidden", "wrong admin token")
+
+    def handler_for(self, request: Request) -> tuple[Any, tuple[Any, ...]]:
+        self.check_admin(request)
+        return super().handler_for(request)
+
+
+def _is_loopback(request: Request) -> bool:
+    host = getattr(request.getClientAddress(), "host", "")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class BoundedRequest(Request):

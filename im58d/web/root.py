@@ -34,8 +34,8 @@ class IPListResource(JSONResource):
         return respond(request, self.iplist.as_json())
 
 
-def make_root(iplist: IPList, sessions: Any, store: IStore, max_members: int = 500
-              ) -> Directory:
+def make_root(iplist: IPList, sessions: Any, store: IStore, max_members: int = 500,
+              admin_token: str = "") -> Directory:
     root = Directory()
     v1 = Directory()
     root.putChild(b"v1", v1)
@@ -54,7 +54,9 @@ def make_root(iplist: IPList, sessions: Any, store: IStore, max_members: int = 5
     return root
 
 
-def make_site(iplist: IPList, sessions: Any, store: IStore, max_members: int = 500) -> Site:
-    site = Site(make_root(iplist, sessions, store, max_members), requestFactory=BoundedRequest)
+def make_site(iplist: IPList, sessions: Any, store: IStore, max_members: int = 500,
+              admin_token: str = "") -> Site:
+    root = make_root(iplist, sessions, store, max_members, admin_token)
+    site = Site(root, requestFactory=BoundedRequest)
     site.displayTracebacks = False
     return site
