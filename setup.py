@@ -31,6 +31,7 @@ setup(
         "sqlite-utils>=3.36",
         "msgpack>=1.0",
         "treq>=24.9",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [

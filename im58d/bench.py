@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 from .admin import make_certificate
 from .client.cache import Cache
+from .client.report import Reporter, ReportState
 from .client.sync import Sync
 from .logic.passwords import hash_password
 from .store.accounts import add_user_txn, create_group_txn, make_friends_txn, uid_for_name_txn
@@ -771,10 +772,107 @@ async def sync_mode(reactor: Any, keep: bool = False, config: str | None = None,
         daemon.close()
 
 
+# -- report mode: the bytes of client log reports -----------------------------
+
+_PAGES = ("home_page", "message_list", "chat_window", "friend_profile")
+_BUTTONS = ("button_A", "button_send", "button_back", "button_search", "button_more")
+
+
+def click_events(count: int) -> list[tuple[str, str]]:
+    """``count`` clicks as (page, button), the same every run (a fixed seed):
+    20 distinct kinds, some far more frequent than others."""
+    rng = random.Random(58)
+    kinds = [(page, button) for page in _PAGES for button in _BUTTONS]
+    weights = [1 / (n + 1) for n in range(len(kinds))]
+    return rng.choices(kinds, weights, k=count)
+
+
+async def report_costs(reactor: Any, http_port: int, events: int = 1000, database: str = ""
+                       ) -> dict[str, dict[str, Any]]:
+    """The requests and bytes on the wire (both ways, HTTP headers included,
+    over a real loopback socket) of ``events`` click events reported the
+    naive way of the talk (one ``GET /report/up?uid=..&action=click&...``
+    per event; the daemon answers 404, the bytes count all the same) and
+    merged by the SDK's ``Reporter``: in batches of Y = 100 events and in
+    one batch, as JSON and MessagePack, plain and gzipped.  With
+    ``database``, checks that the daemon counted every merged click."""
+    url = f"http://127.0.0.1:{http_port}"
+    meter = WireMeter()
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    agent = Agent.usingEndpointFactory(reactor, _CountingEndpoints(reactor, meter), pool)
+    # no Accept-Encoding: the answers are 204s and 404s, and curl sends none
+    http = HTTPClient(_MeteredAgent(agent, meter, gzip=False))
+    response = await http.post(url + "/v1/login", json={
+        "user": "bench0", "password": PASSWORD, "device": "bench"})
+    me = json.loads(await response.content())
+    clicks = click_events(events)
+    costs: dict[str, dict[str, Any]] = {}
+
+    async def measure(name: str, step: Callable[[], Any]) -> None:
+        before = meter.snapshot()
+        t0 = time.perf_counter()
+        await step()
+        elapsed = time.perf_counter() - t0
+        requests, up, down = (b - a for a, b in zip(before, meter.snapshot(), strict=True))
+        costs[name] = {"requests": requests, "bytes_up": up, "bytes_down": down,
+                       "bytes": up + down, "bytes_per_event": round((up + down) / events, 1),
+                       "ms": round(elapsed * 1000, 1)}
+
+    async def naive() -> None:
+        for n, (page, button) in enumerate(clicks):
+            response = await http.get(
+                f"{url}/report/up?uid={me['uid']}&action=click&page={page}"
+                f"&button={button}&ts={int(time.time()) + n // 10}")
+            await response.content()
+
+    session = _Session(http, url, me["token"], me["uid"])
+
+    def merged(every: int, encoding: str, gzip_from: int | None) -> Callable[[], Any]:
+        async def step() -> None:
+            reporter = Reporter(reactor, ReportState(), every_minutes=60, every_events=every,
+                                encoding=encoding, gzip_from=gzip_from, session=session)
+            for page, button in clicks:
+                reporter.record(f"click.{page}.{button}")
+            await reporter.flush()
+            if reporter.pending or reporter.dropped:
+                raise SystemExit(f"im58d-bench: reports not taken: {reporter.pending}")
+        return step
+
+    await measure("naive_get_per_event", naive)
+    runs = 0
+    for every, label in ((100, "y100"), (events, "one_batch")):
+        for encoding in ("json", "msgpack"):
+            for gzip_from, packing in ((None, "plain"), (1, "gzip")):
+                await measure(f"merged_{label}_{encoding}_{packing}",
+                              merged(every, encoding, gzip_from))
+                runs += 1
+    await pool.closeCachedConnections()
+    if database:
+        db = open_database(database)
+        try:
+            (total,) = db.execute("SELECT coalesce(sum(count), 0) FROM report_counts").fetchone()
+        finally:
+            db.conn.close()
+        if total != runs * events:
+            raise SystemExit(f"im58d-bench: the daemon counted {total} clicks, "
+                             f"not {runs * events}")
+    return costs
+
+
+async def report_mode(reactor: Any, keep: bool = False, config: str | None = None,
+                      events: int = 1000) -> dict[str, dict[str, Any]]:
+    """``report_costs`` on a daemon of the bench's own."""
+    daemon = Daemon(1, keep, config)
+    try:
+        return await report_costs(reactor, daemon.http_port, events, daemon.database)
+    finally:
+        daemon.close()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="im58d-bench", description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="all",
-                   choices=["all", "full", "paced", "bytes", "idle", "connect", "sync"])
+                   choices=["all", "full", "paced", "bytes", "idle", "connect", "sync", "report"])
     p.add_argument("--pairs", type=int, default=50)
     p.add_argument("--window", type=int, default=16, help="messages in flight per sender")
     p.add_argument("--rate", type=float, default=2000.0, help="paced messages per second")
@@ -786,6 +884,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--friends", type=int, default=500, help="friends of the user in sync mode")
     p.add_argument("--categories", type=int, default=5, help="their categories in sync mode")
     p.add_argument("--groups", type=int, default=50, help="the user's groups in sync mode")
+    p.add_argument("--events", type=int, default=1000, help="click events in report mode")
     p.add_argument("--coalesce-acks", action="store_true",
                    help="ack once per read instead of once per MSG_N")
     p.add_argument("--target", help="HOST:PORT of a running daemon whose database has the "
@@ -856,6 +955,12 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         costs = await sync_mode(reactor, args.keep, args.daemon_config, args.friends,
                                 args.categories, args.groups)
         for name, cost in costs.items():
+            report(name, cost)
+    if args.mode in ("all", "report"):
+        if args.target:
+            raise SystemExit("im58d-bench: report mode runs on the bench's own daemon")
+        for name, cost in (await report_mode(reactor, args.keep, args.daemon_config,
+                                             args.events)).items():
             report(name, cost)
     if args.json:
         print(json.dumps(results))

@@ -53,6 +53,8 @@ class Config:
     redis: str = "tcp:127.0.0.1:6379"
     # [iplist]
     iplist: tuple[AccessServer, ...] = field(default=())
+    # [log]
+    log_format: str = "text"
     # where the values came from, for messages
     source: str = "embedded defaults"
 
@@ -154,6 +156,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
     },
     "iplist": {
         "servers": ("iplist", _servers),
+    },
+    "log": {
+        "format": ("log_format", _choice("text", "json")),
     },
 }
 

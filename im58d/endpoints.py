@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from typing import Any
 
 from twisted.internet import ssl
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    SSL4ServerEndpoint,
+    serverFromString,
+)
 from twisted.python.filepath import FilePath
+
+from .systemd import inherited_address
 
 _CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -53,6 +60,14 @@ def server_endpoint(reactor: Any, description: str) -> Any:
     """The server endpoint of a description; raises on a bad one or on
     certificate files that cannot be read."""
     kind, args, kwargs = parse(description)
+    if kind == "systemd":
+        try:
+            return serverFromString(reactor, description)
+        except (IndexError, KeyError):
+            raise ValueError(
+                "systemd handed over no such socket (is the daemon started by its "
+                ".socket unit, with LISTEN_FDS and LISTEN_FDNAMES set?)"
+            ) from None
     if kind != "ssl":
         return serverFromString(reactor, description)
     port = int(args[0] if args else kwargs.pop("port"))
@@ -68,12 +83,44 @@ def server_endpoint(reactor: Any, description: str) -> Any:
     )
 
 
-def plaintext_exposed(description: str) -> bool:
+def inherited_socket(endpoint: Any) -> tuple[int, Any] | None:
+    """``(family, sockname)`` of the socket a ``systemd:`` endpoint adopts,
+    read from the socket itself; None for other endpoints.  Raises
+    ``ValueError`` when it is not a socket or not of the endpoint's
+    ``domain``."""
+    if not isinstance(endpoint, AdoptedStreamServerEndpoint):
+        return None
+    try:
+        family, sockname = inherited_address(endpoint.fileno)
+    except OSError as e:
+        raise ValueError(f"descriptor {endpoint.fileno} from systemd: {e}") from None
+    if family != endpoint.addressFamily:
+        have = socket.AddressFamily(family).name.removeprefix("AF_")
+        raise ValueError(f"systemd handed over an AF_{have} socket: say domain={have}")
+    return family, sockname
+
+
+def _exposed_address(family: int, sockname: Any) -> bool:
+    if family == socket.AF_UNIX:
+        return False
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return True
+    address = ipaddress.ip_address(sockname[0].partition("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_loopback
+
+
+def plaintext_exposed(description: str, inherited: tuple[int, Any] | None = None) -> bool:
     """Whether a listener would take unencrypted connections from beyond this
-    machine (or might: a socket handed over by systemd cannot be told)."""
+    machine.  A ``systemd:`` listener is judged by the address of the socket
+    systemd bound (``inherited``, from ``inherited_socket``), as a ``tcp:``
+    one is by its interface; without that address it might be, so it is."""
     kind, _, kwargs = parse(description)
     if kind in ("ssl", "unix"):
         return False
+    if kind == "systemd":
+        return inherited is None or _exposed_address(*inherited)
     if kind != "tcp" and kind != "tcp6":
         return True
     interface = kwargs.get("interface", "")

@@ -16,14 +16,17 @@ from . import __version__
 from .access.protocol import AccessFactory
 from .access.sessions import SessionManager
 from .config import Config, ConfigError, check, load_config
-from .endpoints import plaintext_exposed, server_endpoint
+from .endpoints import inherited_socket, plaintext_exposed, server_endpoint
+from .logging import use_for_twistd
 from .logic.auth import Authenticator, LoginThrottle, ThreadedVerifier
 from .logic.messages import Messenger
 from .logic.presence import Presence
+from .metrics import SAMPLE_INTERVAL, Metrics
 from .routing.iplist import IPList, server_from_endpoint
 from .routing.local import LocalRouter
 from .store.interfaces import StoreError
 from .store.sqlite import SQLiteStore, open_database
+from .systemd import NotifyService
 from .web.root import make_site
 from .wire import packets as P
 
@@ -90,6 +93,8 @@ class Options(usage.Options):
                 f"im58d: {self.config.source}: [routing] backend: "
                 f"{self.config.routing_backend} is not available in this version (use local)"
             )
+        # run by twistd: its log observer writes our lines ([log] format)
+        use_for_twistd(self.parent, self.config.log_format)
 
 
 class OrderedService(MultiService):
@@ -164,16 +169,17 @@ def _fail(message: str) -> SystemExit:
 def _listeners(reactor: Any, config: Config, key: str, factory: Any) -> list[Service]:
     services: list[Service] = []
     for description in getattr(config, key):
-        if plaintext_exposed(description) and not config.allow_plaintext:
+        try:
+            endpoint = server_endpoint(reactor, description)
+            inherited = inherited_socket(endpoint)
+        except Exception as e:
+            raise _fail(f"[listen] {key}: {description!r}: {e}") from None
+        if plaintext_exposed(description, inherited) and not config.allow_plaintext:
             raise _fail(
                 f"[listen] {key}: {description!r} would take unencrypted connections "
                 "from other machines; listen with ssl:, on 127.0.0.1, or set "
                 "[listen] allow_plaintext = yes"
             )
-        try:
-            endpoint = server_endpoint(reactor, description)
-        except Exception as e:
-            raise _fail(f"[listen] {key}: {description!r}: {e}") from None
         services.append(ListenerService(endpoint, factory, key, description))
     return services
 
@@ -234,7 +240,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     factory.handlers[P.MsgR] = messenger.on_msg_r
     factory.handlers[P.AckR] = messenger.on_ack_r
-    site = make_site(iplist, sessions, store, config.max_members, config.admin_token)
+    metrics = Metrics(reactor, factory, router, messenger, store)
+    site = make_site(
+        iplist, sessions, store, config.max_members, config.admin_token, metrics=metrics
+    )
     listeners = _listeners(reactor, config, "http", site)
     listeners += _listeners(reactor, config, "access", factory)
     try:
@@ -257,6 +266,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     timer.clock = reactor
     resend = TimerService(RESEND_INTERVAL, messenger.resend_late)
     resend.clock = reactor
+    sampler = TimerService(SAMPLE_INTERVAL, metrics.sample)
+    sampler.clock = reactor
 
     # Started in this order, stopped in reverse: listeners first, the store last.
     for service in [
@@ -264,8 +275,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         CallbackService("auth", reactor, verifier.start, verifier.stop),
         timer,
         resend,
+        sampler,
         _access_service(factory, messenger, reactor),
         *listeners,
+        NotifyService(reactor),  # READY=1 once all the above run, STOPPING=1 first
     ]:
         service.setServiceParent(top)
     return top

@@ -2,6 +2,7 @@
 
 from .cache import Cache, Group, User
 from .client import DELIVERED, FAILED, SENT, STORED, Client, LoginFailed, Message, Outgoing
+from .report import Reporter, ReportFile, ReportState
 from .state import ClientState, FileState
 from .sync import Sync, SyncError
 
@@ -18,6 +19,9 @@ __all__ = [
     "LoginFailed",
     "Message",
     "Outgoing",
+    "ReportFile",
+    "ReportState",
+    "Reporter",
     "Sync",
     "SyncError",
     "User",

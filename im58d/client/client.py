@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from ..wire import Decoder, WireError, encode
 from ..wire import packets as P
+from .report import Reporter
 from .state import ClientState
 from .sync import Sync
 
@@ -160,6 +161,7 @@ class Client:
         ca_cert: str | None = None,
         send_window: int = 32,
         sync: Sync | None = None,
+        reporter: Reporter | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
@@ -185,6 +187,10 @@ class Client:
         self.sync = sync
         if sync is not None:
             sync.attach(self)
+        # the log-report recorder: sends at the first login and before BYE
+        self.reporter = reporter
+        if reporter is not None:
+            reporter.attach(self)
         # session
         self.uid: int | None = None
         self.token: str | None = None
@@ -269,11 +275,17 @@ class Client:
         return delivered
 
     def stop(self) -> Deferred[None]:
-        """Say BYE and stop reconnecting."""
+        """Say BYE and stop reconnecting (with a reporter: once it has sent
+        its last batches, or given up for this run)."""
         self._stopping = True
         for call in (self._retry, self._tick):
             if call is not None and call.active():
                 call.cancel()
+        if self.reporter is not None:
+            return self.reporter.exited().addCallback(lambda _: self._bye())
+        return self._bye()
+
+    def _bye(self) -> Deferred[None]:
         wire = self._wire
         if wire is None:
             return succeed(None)
@@ -442,6 +454,8 @@ class Client:
             )
         if self.sync is not None:
             self._synced(self.sync.run())
+        if self.reporter is not None:  # the first login of start(): the app opened
+            self.reporter.logged_in(first=self._started is not None)
         started, self._started = self._started, None
         if started is not None:
             started.callback(None)

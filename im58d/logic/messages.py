@@ -81,6 +81,7 @@ class Messenger:
         self.pushed = 0
         self.retransmitted = 0
         self.acks = 0
+        self.acks_out = 0  # ACK_Ns sent to senders
 
     # packets from the access layer (handler(connection, packet))
 
@@ -210,6 +211,7 @@ class Messenger:
                 target = session_for(sender)
                 if target is not None and target.connection is not None:
                     target.connection.send(frame(P.ACK_N, (cmid, msg_id)))
+                    self.acks_out += 1
 
     def _failed(self, failure: Failure, messages: list[Any]) -> None:
         # Nothing of the batch is stored; the senders retransmit (no MSG_A

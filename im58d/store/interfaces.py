@@ -157,3 +157,23 @@ class IStore(Interface):
 
     def status(uid: int, msg_ids: list[int]) -> Deferred[list[int]]:
         """The user's sent messages among ``msg_ids`` that were delivered."""
+
+    # client log reports
+    report_batches = Attribute("Report batches counted since the store started (an int).")
+    report_repeats = Attribute("Report batches refused as repeats since the start (an int).")
+
+    def record_report(
+        uid: int, batch_id: str, counts: dict[str, int], now: int
+    ) -> Deferred[bool]:
+        """Add a batch's ``{key: count}`` to the counters of the UTC day of
+        ``now`` and record ``uid`` as a user of each key that day, in one
+        transaction; False (nothing counted) for a batch id the user sent
+        before."""
+
+    def stats(key: str, days: int, now: int) -> Deferred[list[dict[str, Any]]]:
+        """``[{"day", "count", "users"}]`` of a key for each of the last
+        ``days`` UTC days up to today, oldest first, zeros where nothing came."""
+
+    def top_keys(days: int, limit: int, now: int) -> Deferred[list[dict[str, Any]]]:
+        """``[{"key", "count", "users"}]`` over the last ``days`` days, the
+        biggest count first; ``users`` counts each user once in the window."""

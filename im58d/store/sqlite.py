@@ -54,6 +54,7 @@ from .lists import (
     users_sync_txn,
     versions_txn,
 )
+from .reports import record_report_txn, stats_txn, top_keys_txn
 
 log = Logger()
 
@@ -205,6 +206,12 @@ class SQLiteStore:
         self._drained: list[Deferred[None]] = []
         self.batches = 0
         self.operations = 0
+        # called once per transaction with (batch, seconds it took): metrics
+        self.on_batch: Callable[[list[Operation], float], None] | None = None
+        self._batch_started = 0.0
+        # client log reports: batches counted, and repeats counted once before
+        self.report_batches = 0
+        self.report_repeats = 0
 
     # lifecycle
 
@@ -273,6 +280,7 @@ class SQLiteStore:
             return
         batch, self._queue = self._queue, []
         self._busy = True
+        self._batch_started = self._reactor.seconds()
         d = self._thread.submit(self._run_batch, batch)
         d.addBoth(self._batch_done, batch)
 
@@ -315,6 +323,8 @@ class SQLiteStore:
     ) -> None:
         self.batches += 1
         self.operations += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(batch, self._reactor.seconds() - self._batch_started)
         if isinstance(outcome, Failure):
             log.failure("database transaction failed", outcome)
             for _, _, d, _ in batch:
@@ -449,3 +459,22 @@ class SQLiteStore:
 
     def status(self, uid: int, msg_ids: list[int]) -> Deferred[list[int]]:
         return self._run(status_txn, uid, msg_ids, write=False)
+
+    def record_report(
+        self, uid: int, batch_id: str, counts: dict[str, int], now: int
+    ) -> Deferred[bool]:
+        d: Deferred[bool] = self._run(record_report_txn, uid, batch_id, counts, now)
+        return d.addCallback(self._report_counted)
+
+    def _report_counted(self, counted: bool) -> bool:
+        if counted:
+            self.report_batches += 1
+        else:
+            self.report_repeats += 1
+        return counted
+
+    def stats(self, key: str, days: int, now: int) -> Deferred[list[dict[str, Any]]]:
+        return self._run(stats_txn, key, days, now, write=False)
+
+    def top_keys(self, days: int, limit: int, now: int) -> Deferred[list[dict[str, Any]]]:
+        return self._run(top_keys_txn, days, limit, now, write=False)

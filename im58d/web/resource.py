@@ -15,6 +15,8 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Request
 
+from ..logging import scrub_url
+
 log = Logger()
 
 JSON = b"application/json"
@@ -162,7 +164,9 @@ class Routed(JSONResource):
 def _error_or_500(failure: Failure, request: Request) -> bytes:
     if isinstance(failure.value, HTTPError):
         return error_body(request, failure.value)
-    log.failure("{method} {path}", failure, method=request.method, path=request.path)
+    # scrubbed: a raw client may put a token in the path's #fragment
+    log.failure("{method} {path}", failure, method=request.method,
+                path=scrub_url(request.path or b""))
     return error_body(request, HTTPError(500, "internal", "server error"))
 
 

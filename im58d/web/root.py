@@ -6,8 +6,10 @@ from typing import Any
 
 from twisted.web.server import Request, Site
 
+from ..logging import access_log_formatter
 from ..routing.iplist import IPList
 from ..store.interfaces import IStore
+from . import admin
 from .inbox import InboxResource, StatusResource
 from .lists import (
     CategoriesResource,
@@ -17,6 +19,7 @@ from .lists import (
     UsersResource,
     VersionsResource,
 )
+from .report import ReportResource, StatsResource
 from .resource import BoundedRequest, Directory, JSONResource, not_modified, respond
 from .session import LoginResource
 
@@ -35,7 +38,7 @@ class IPListResource(JSONResource):
 
 
 def make_root(iplist: IPList, sessions: Any, store: IStore, max_members: int = 500,
-              admin_token: str = "") -> Directory:
+              admin_token: str = "", metrics: Any = None) -> Directory:
     root = Directory()
     v1 = Directory()
     root.putChild(b"v1", v1)
@@ -51,12 +54,17 @@ def make_root(iplist: IPList, sessions: Any, store: IStore, max_members: int = 5
     v1.putChild(b"groups", GroupsResource(*lists, max_members))
     v1.putChild(b"users", UsersResource(*lists))
     v1.putChild(b"me", MeResource(*lists))
+    v1.putChild(b"report", ReportResource(router, store, sessions.clock))
+    v1.putChild(b"stats", StatsResource(admin_token, store, sessions.clock))
+    if metrics is not None:  # /metrics and the admin page
+        admin.mount(root, metrics, store, sessions.clock, admin_token)
     return root
 
 
 def make_site(iplist: IPList, sessions: Any, store: IStore, max_members: int = 500,
-              admin_token: str = "") -> Site:
-    root = make_root(iplist, sessions, store, max_members, admin_token)
-    site = Site(root, requestFactory=BoundedRequest)
+              admin_token: str = "", metrics: Any = None) -> Site:
+    root = make_root(iplist, sessions, store, max_members, admin_token, metrics)
+    # the access log line: no fragment, no query secret (im58d.logging)
+    site = Site(root, requestFactory=BoundedRequest, logFormatter=access_log_formatter)
     site.displayTracebacks = False
     return site
