@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from typing import Any
 
 from twisted.internet import reactor
@@ -69,6 +70,33 @@ class SchemaTests(SynchronousTestCase):
         [(version,)] = db.execute("SELECT version FROM users WHERE id = ?", (uid,)).fetchall()
         self.assertGreater(version, 9)
         db.conn.close()
+
+    def test_opened_by_two_at_once(self) -> None:
+        """Two processes (nodes, im58d-admin) opening a new database at the
+        same moment both get it at the newest schema: the one that loses the
+        race to upgrade finds it done rather than failing."""
+        def open_it(path: str, barrier: threading.Barrier, errors: list[BaseException]) -> None:
+            barrier.wait()
+            try:
+                open_database(path).conn.close()
+            except BaseException as e:
+                errors.append(e)
+
+        for round in range(10):
+            path = self.mktemp()
+            barrier = threading.Barrier(2)
+            errors: list[BaseException] = []
+            threads = [
+                threading.Thread(target=open_it, args=(path, barrier, errors)) for _ in range(2)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            self.assertEqual(errors, [], f"round {round}")
+            db = open_database(path)
+            self.assertEqual(schema_version(db), schema_scripts()[-1][0])
+            db.conn.close()
 
     def test_newer_schema_refused(self) -> None:
         """A database made by a newer im58d is refused with a clear reason."""

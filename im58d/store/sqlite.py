@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -96,10 +97,29 @@ def migrate(db: sqlite_utils.Database) -> int:
         except sqlite3.Error:
             if db.conn.in_transaction:
                 db.conn.rollback()
+            # another process (a second node, im58d-admin) upgraded it between
+            # our read of the version and our lock
+            if schema_version(db) >= number:
+                version = number
+                continue
             raise
         log.info("database schema upgraded to version {version}", version=number)
         version = number
     return version
+
+
+def _journal_mode_wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL.  The switch takes an exclusive lock without waiting
+    on busy_timeout, so when another process opens the same new file at the
+    same moment it is tried again for up to 10 seconds (at start only)."""
+    for _ in range(100):
+        try:
+            return str(conn.execute("PRAGMA journal_mode = wal").fetchone()[0])
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e):
+                raise
+            time.sleep(0.1)
+    return str(conn.execute("PRAGMA journal_mode = wal").fetchone()[0])
 
 
 def open_database(path: str, synchronous: str = "normal") -> sqlite_utils.Database:
@@ -115,7 +135,7 @@ def open_database(path: str, synchronous: str = "normal") -> sqlite_utils.Databa
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 10000")
         if path != ":memory:":
-            mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
+            mode = _journal_mode_wal(conn)
             if mode != "wal":
                 raise StoreError(f"cannot use WAL journal mode on {path} (got {mode})")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
