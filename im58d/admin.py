@@ -72,12 +72,11 @@ def _uid(db: sqlite_utils.Database, name: str) -> int:
 
 
 def user_add(db: sqlite_utils.Database, args: argparse.Namespace) -> str:
-    password_hash = _hash(args.password)
-    return str(add_user_txn(db, check_name(args.name), password_hash, int(time.time())))
+    return str(add_user_txn(db, check_name(args.name), args.password_hash, int(time.time())))
 
 
 def user_passwd(db: sqlite_utils.Database, args: argparse.Namespace) -> str:
-    set_password_txn(db, args.name, _hash(args.password))
+    set_password_txn(db, args.name, args.password_hash)
     return ""
 
 
@@ -248,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config) if args.config else Config()
         path = args.database or config.database
         args.max_members = config.max_members
+        if getattr(args, "password", None) is not None:
+            # scrypt takes ~80 ms: not while holding the write lock that the
+            # daemon's message commits wait for
+            args.password_hash = _hash(args.password)
         db = open_database(path, config.synchronous)
         try:
             output = run_in_transaction(db, args.run, args)

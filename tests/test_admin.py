@@ -176,9 +176,10 @@ class UserTests(AdminTestCase):
         self.assertEqual(self.ok("user", "add", "x" * 64, "--password", "pw"), "1\n")
 
     def test_empty_password_refused(self) -> None:
-        """An empty password is refused, for ``add`` and for ``passwd``."""
+        """An empty password is refused, for ``add`` and for ``passwd``,
+        before the database is touched."""
         self.fails("user", "add", "alice", "--password", "")
-        self.assertEqual(self.query("SELECT count(*) FROM users"), [(0,)])
+        self.assertFalse(os.path.exists(self.database))
         self.add_users("bob")
         stored = self.password_of("bob")
         self.fails("user", "passwd", "bob", "--password", "")
