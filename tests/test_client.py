@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -799,3 +801,57 @@ class FileStateTests(SDKTestCase):
         self.assertEqual(again.client.waiting, {})
         self.assertEqual(FileState(self.path).unsent, {})
         self.assertEqual(FileState(self.path).next_cmid, c2 + 1)
+
+
+class _Page:
+    """An HTTP response of /v1/inbox as the SDK reads it."""
+
+    def __init__(self, messages: list[tuple[int, str]], inbox_max: int) -> None:
+        self.code = 200
+        self._body = {
+            "messages": [
+                {"seq": seq, "msg_id": seq, "from": 1, "body": body, "ts": 0}
+                for seq, body in messages
+            ],
+            "max": inbox_max,
+        }
+
+    def json(self) -> Any:
+        return succeed(self._body)
+
+
+class HeldHTTP:
+    """An HTTP client whose answers the test gives when it chooses."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, Deferred[Any]]] = []
+
+    def get(self, url: str, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.asked.append((url.rpartition("/")[2], d))
+        return d
+
+
+class PullRaceTests(SynchronousTestCase):
+    def test_push_past_the_gap_during_a_pull(self) -> None:
+        """A MSG_N that arrives while a pull is under way, past a seq the
+        pull's page does not cover (a message stored after the page was read,
+        its push lost), is not left waiting for the next push: the pull goes
+        on until nothing is held ahead, and all are shown in order."""
+        http = HeldHTTP()
+        client = Client(Clock(), None, None, HTTP_URL, "bob", "pw",
+                        state=ClientState(next_cmid=1), http=http)
+        shown: list[int] = []
+        client.on_message = lambda message: shown.append(message.seq)
+        client.token = "t"
+        client._on_msg_n(P.MsgN(2, 2, 1, "two", 0))  # 1 is missing: a pull
+        [(query, first)] = http.asked
+        self.assertEqual(query, "inbox?after=0&limit=500")
+        client._on_msg_n(P.MsgN(4, 4, 1, "four", 0))  # 3 stored after the page was read
+        first.callback(_Page([(1, "one"), (2, "two")], 2))
+        self.assertEqual(shown, [1, 2])
+        [_, (query, second)] = http.asked
+        self.assertEqual(query, "inbox?after=2&limit=500")
+        second.callback(_Page([(3, "three"), (4, "four")], 4))
+        self.assertEqual(shown, [1, 2, 3, 4])
+        self.assertEqual(len(http.asked), 2)

@@ -636,7 +636,11 @@ class Client:
                         body = _unb64(body["b64"])
                     self._receive(Message(entry["seq"], entry["msg_id"], entry["from"], body,
                                           entry["ts"], entry.get("group")))
-                if not page["messages"] or self.state.last_seq >= page["max"]:
+                # a push that came meanwhile may be past a gap this page
+                # did not reach: go on until nothing is held ahead
+                if not page["messages"] or (
+                    self.state.last_seq >= page["max"] and not self._ahead
+                ):
                     break
         except Exception as e:
             # the next WELCOME (or gap) pulls again
