@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from im58d.wire import packets as P
@@ -55,6 +56,19 @@ class LoginTests(SynchronousTestCase):
         self.assertEqual(answers[0][0].code, 401)
         self.assertTrue(wrong.closed and unknown.closed)
         self.assertIsNone(self.h.router.session_for(self.alice))
+
+    def test_refused_logins_are_logged(self) -> None:
+        """Each refused login is one warning naming the uid (or "an unknown
+        name") and the address, for fail2ban and the like; neither the typed
+        name nor the password is in it."""
+        with capturedLogs() as events:
+            self.h.connect("192.0.2.7").send(P.Login("alice", "nope", "phone"))
+            self.h.connect("192.0.2.8").send(P.Login("hunter2", "hunter2", "phone"))
+        lines = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(lines, [
+            f"login refused: bad credentials for uid={self.alice} from 192.0.2.7",
+            "login refused: bad credentials for an unknown name from 192.0.2.8",
+        ])
 
     def test_too_many_failures_for_a_user(self) -> None:
         """After 5 failed attempts on a name, even the right password gets 429

@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ..store.interfaces import IStore
@@ -25,6 +26,8 @@ class LoginRefused(Exception):
         self.code = code
         self.message = message
 
+
+log = Logger()
 
 BAD_CREDENTIALS = (401, "bad user name or password")
 TOO_MANY = (429, "too many failed attempts, try later")
@@ -139,6 +142,7 @@ class Authenticator:
 
     def authenticate(self, user: str, password: str, address: str) -> Deferred[int]:
         if self.throttle.blocked(user, address):
+            log.warn("login refused: too many failed attempts (from {address})", address=address)
             return fail(LoginRefused(*TOO_MANY))
         self.throttle.attempt(user, address)
         return self._authenticate(user, password, address)
@@ -155,6 +159,12 @@ class Authenticator:
         finally:
             self.throttle.finished(user, address, ok)
         if not ok:
+            # the typed name is not logged: people type passwords into it
+            log.warn(
+                "login refused: bad credentials for {who} from {address}",
+                who=f"uid={record[0]}" if record is not None else "an unknown name",
+                address=address,
+            )
             raise LoginRefused(*BAD_CREDENTIALS)
         assert record is not None
         uid, _, disabled = record
