@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 import secrets
 from typing import Any
@@ -40,6 +39,8 @@ from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from .state import write_json
 
 log = Logger()
 
@@ -132,10 +133,7 @@ class ReportFile(ReportState):
 
     def save(self) -> None:
         data = {"device": self.device, "next_batch": self.next_batch, "pending": self.pending}
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
-        os.replace(tmp, self.path)
+        write_json(self.path, data)
 
 
 class Reporter:

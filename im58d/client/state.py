@@ -42,6 +42,15 @@ class ClientState:
         """Make the state durable (nothing to do in memory)."""
 
 
+def write_json(path: str, data: Any) -> None:
+    """Replace the JSON file at ``path`` atomically: a crash leaves the old
+    file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
 class FileState(ClientState):
     """``ClientState`` in a JSON file, rewritten atomically on ``save``."""
 
@@ -92,7 +101,4 @@ class FileState(ClientState):
             "servers": self.servers,
             "last_server": self.last_server,
         }
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, self.path)
+        write_json(self.path, data)
