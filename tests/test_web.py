@@ -6,7 +6,9 @@ import gzip
 from typing import Any
 
 from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
@@ -136,6 +138,9 @@ class BadRequestTests(SynchronousTestCase):
         for _ in range(20):
             channel.dataReceived(b" " * 65536)
         self.assertTrue(transport.disconnected)
+        # as a real transport would after the abort: the channel's idle
+        # timer (on the global reactor) goes, and no later test inherits it
+        channel.connectionLost(Failure(ConnectionAborted()))
 
     def test_extra_path_segments(self) -> None:
         """A path below a resource that has no children is a JSON 404."""
