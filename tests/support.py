@@ -112,23 +112,33 @@ class Harness:
         for _ in range(10):
             self.reactor.advance(0)
 
-    def http(
-        self, method: str, path: str, token: str | None = None, body: Any = None
-    ) -> tuple[int, Any]:
-        """An HTTP request to the site, answered in memory: (status, JSON or None)."""
-        headers = {"Authorization": [f"Bearer {token}"]} if token else {}
-        data = json.dumps(body).encode() if body is not None else None
-        d = self.treq.request(method, "http://im58d.test" + path, headers=headers, data=data)
+    def request(
+        self, method: str, path: str, headers: dict[str, list[str]] | None = None,
+        data: bytes | None = None, treq: Any = None,
+    ) -> tuple[Any, bytes]:
+        """An HTTP request to the site (or to ``treq``'s), answered in
+        memory: (response, body as received)."""
+        treq = treq or self.treq
+        d = treq.request(method, "http://im58d.test" + path, headers=headers or {}, data=data)
         self.turn()
-        self.treq.flush()
+        treq.flush()
         responses: list[Any] = []
         d.addCallback(responses.append)
         assert responses, f"no response to {method} {path}"
         response = responses[0]
         content: list[bytes] = []
         response.content().addCallback(content.append)
-        self.treq.flush()
-        return response.code, json.loads(content[0]) if content[0] else None
+        treq.flush()
+        return response, content[0]
+
+    def http(
+        self, method: str, path: str, token: str | None = None, body: Any = None
+    ) -> tuple[int, Any]:
+        """An HTTP request to the site, answered in memory: (status, JSON or None)."""
+        headers = {"Authorization": [f"Bearer {token}"]} if token else {}
+        data = json.dumps(body).encode() if body is not None else None
+        response, content = self.request(method, path, headers, data)
+        return response.code, json.loads(content) if content else None
 
 
 class _Address:

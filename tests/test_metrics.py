@@ -97,17 +97,8 @@ class MetricsTestCase(SynchronousTestCase):
     def get(self, path: str, headers: dict[str, list[str]] | None = None) -> tuple[int, Any, str]:
         """A GET from a loopback client (StubTreq's address): (status,
         headers, body)."""
-        d = self.treq.get("http://im58d.test" + path, headers=headers or {})
-        self.h.turn()
-        self.treq.flush()
-        responses: list[Any] = []
-        d.addCallback(responses.append)
-        assert responses, f"no response to GET {path}"
-        response = responses[0]
-        content: list[bytes] = []
-        response.content().addCallback(content.append)
-        self.treq.flush()
-        return response.code, response.headers, content[0].decode()
+        response, content = self.h.request("GET", path, headers, treq=self.treq)
+        return response.code, response.headers, content.decode()
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         code, headers, text = self.get("/metrics")
