@@ -277,11 +277,16 @@ class AccessProtocol(Protocol):
         d.addCallbacks(self._logged_in, self._login_failed)
 
     def _logged_in(self, result: tuple[Session, int] | None) -> None:
+        self._attached(result, self.factory.sessions.welcome)
+
+    def _attached(self, result: tuple[Session, int] | None, answer: Any) -> None:
+        """The session is this connection's: WELCOME or RESUMED (``answer``
+        makes it), then what was held behind the LOGIN or RESUME."""
         if result is None:  # the connection went away meanwhile
             return
         session, inbox_max = result
         self.session = session
-        self.send(encode(self.factory.sessions.welcome(session, inbox_max)))
+        self.send(encode(answer(session, inbox_max)))
         self._dispatch = self.factory.logged_in_dispatch(self)
         self._release_held()
 
@@ -309,13 +314,7 @@ class AccessProtocol(Protocol):
         d.addCallbacks(self._resumed, self._resume_failed)
 
     def _resumed(self, result: tuple[Session, int] | None) -> None:
-        if result is None:  # the connection went away meanwhile
-            return
-        session, inbox_max = result
-        self.session = session
-        self.send(encode(self.factory.sessions.resumed(session, inbox_max)))
-        self._dispatch = self.factory.logged_in_dispatch(self)
-        self._release_held()
+        self._attached(result, self.factory.sessions.resumed)
 
     def _resume_failed(self, failure: Failure) -> None:
         if failure.check(ResumeRefused):
