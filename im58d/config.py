@@ -51,6 +51,8 @@ class Config:
     # [routing]
     routing_backend: str = "local"
     redis: str = "tcp:127.0.0.1:6379"
+    node_ttl: int = 15
+    weight: int = 1
     # [iplist]
     iplist: tuple[AccessServer, ...] = field(default=())
     # [log]
@@ -105,6 +107,13 @@ def _nonempty(text: str) -> str:
     return text
 
 
+def _redis_endpoint(text: str) -> str:
+    kind = text.split(":", 1)[0]
+    if kind not in ("tcp", "unix", "tls") or ":" not in text:
+        raise ValueError(f"{text!r} is not a client endpoint (tcp:HOST:PORT, unix:PATH, tls:...)")
+    return text
+
+
 def _lines(text: str) -> tuple[str, ...]:
     values = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not values:
@@ -152,7 +161,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
     },
     "routing": {
         "backend": ("routing_backend", _choice("local", "redis")),
-        "redis": ("redis", _nonempty),
+        "redis": ("redis", _redis_endpoint),
+        "node_ttl": ("node_ttl", _int(3, 600)),
+        "weight": ("weight", _int(1, 1000)),
     },
     "iplist": {
         "servers": ("iplist", _servers),

@@ -270,3 +270,26 @@ class DaemonCollector:
              "(POST /v1/report).", store.report_batches),
         ):
             yield CounterMetricFamily(name, text, value=value)
+        yield CounterMetricFamily(
+            "im58d_caught_up", "MSG_Ns pushed from the store because a publication "
+            "of another node did not arrive (several nodes).", value=messenger.caught_up,
+        )
+        router = m.router
+        if getattr(router, "clustered", False):
+            yield GaugeMetricFamily(
+                "im58d_redis_up", "1 while this node is joined through Redis.",
+                value=int(router.up),
+            )
+            yield GaugeMetricFamily(
+                "im58d_cluster_nodes", "Live nodes in the registry at the last refresh.",
+                value=router.live_nodes,
+            )
+            for name, text, value in (
+                ("im58d_redis_published", "Publications to other nodes' channels.",
+                 router.published),
+                ("im58d_redis_received", "Publications received from other nodes.",
+                 router.received),
+                ("im58d_redis_outages", "Times the connection to Redis was lost.",
+                 router.outages),
+            ):
+                yield CounterMetricFamily(name, text, value=value)

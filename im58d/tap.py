@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -22,8 +24,9 @@ from .logic.auth import Authenticator, LoginThrottle, ThreadedVerifier
 from .logic.messages import Messenger
 from .logic.presence import Presence
 from .metrics import SAMPLE_INTERVAL, Metrics
-from .routing.iplist import IPList, server_from_endpoint
+from .routing.iplist import AccessServer, IPList, server_from_endpoint
 from .routing.local import LocalRouter
+from .routing.redis import RedisRouter
 from .store.interfaces import StoreError
 from .store.sqlite import SQLiteStore, open_database
 from .systemd import NotifyService
@@ -88,11 +91,13 @@ class Options(usage.Options):
             check(self.config)
         except ConfigError as e:
             raise SystemExit(f"im58d: {e}") from None
-        if self.config.routing_backend != "local":
-            raise SystemExit(
-                f"im58d: {self.config.source}: [routing] backend: "
-                f"{self.config.routing_backend} is not available in this version (use local)"
-            )
+        if self.config.routing_backend == "redis":
+            try:
+                clientFromString(None, self.config.redis)  # checked, not used
+            except Exception as e:
+                raise SystemExit(
+                    f"im58d: {self.config.source}: [routing] redis: {e}"
+                ) from None
         # run by twistd: its log observer writes our lines ([log] format)
         use_for_twistd(self.parent, self.config.log_format)
 
@@ -154,20 +159,30 @@ class ListenerService(StreamServerEndpointService):
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self._what = f"[listen] {key}: cannot listen on {description!r}"
+        self.description = description
+        self.bound_port = 0  # the port it listens on, once it does
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except Exception as e:
             raise _fail(f"{self._what}: {e}") from None
+        waiting: Any = self._waitingForPort
+        waiting.addCallback(self._bound)
+
+    def _bound(self, port: Any) -> Any:
+        self.bound_port = getattr(port.getHost(), "port", 0)
+        return port
 
 
 def _fail(message: str) -> SystemExit:
     return SystemExit(f"im58d: {message}")
 
 
-def _listeners(reactor: Any, config: Config, key: str, factory: Any) -> list[Service]:
-    services: list[Service] = []
+def _listeners(
+    reactor: Any, config: Config, key: str, factory: Any
+) -> list[ListenerService]:
+    services: list[ListenerService] = []
     for description in getattr(config, key):
         try:
             endpoint = server_endpoint(reactor, description)
@@ -200,6 +215,33 @@ def _access_service(factory: AccessFactory, messenger: Messenger, reactor: Any) 
     return CallbackService("access", reactor, lambda: None, stop)
 
 
+def _own_servers(config: Config, access: list[ListenerService]) -> list[AccessServer]:
+    """This node's entry in the IP list: ``[iplist] servers``, or its access
+    listeners that have a concrete address (on the port they got)."""
+    if config.iplist:
+        return list(config.iplist)
+    servers = []
+    for listener in access:
+        server = server_from_endpoint(listener.description)
+        if server is None:
+            continue
+        port = server.port or listener.bound_port
+        if port:
+            servers.append(dataclasses.replace(server, port=port, weight=config.weight))
+    return servers
+
+
+def join_cluster(
+    router: Any, sessions: SessionManager, presence: Presence, messenger: Messenger
+) -> None:
+    """What comes from other nodes goes to this node's logic layer."""
+    router.on_packets = messenger.forwarded
+    router.on_lists = lambda uids: presence.lists_moved(uids, forward=False)
+    router.on_gone = sessions.gone
+    router.on_adopt = sessions.adopt
+    router.on_rejoined = messenger.catch_up
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -216,7 +258,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     throttle = LoginThrottle(
         reactor, config.user_attempts, config.address_attempts, config.attempt_window
     )
-    router = LocalRouter()
+    router: LocalRouter
+    if config.routing_backend == "redis":
+        router = RedisRouter(
+            config.redis, reactor, iplist, lambda: _own_servers(config, access), config.node_ttl
+        )
+    else:
+        router = LocalRouter()
     presence = Presence(router, store)
     sessions = SessionManager(
         router,
@@ -244,8 +292,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     site = make_site(
         iplist, sessions, store, config.max_members, config.admin_token, metrics=metrics
     )
-    listeners = _listeners(reactor, config, "http", site)
-    listeners += _listeners(reactor, config, "access", factory)
+    access = _listeners(reactor, config, "access", factory)
+    listeners = _listeners(reactor, config, "http", site) + access
     try:
         open_database(config.database, config.synchronous).conn.close()
     except StoreError as e:
@@ -259,6 +307,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
                 lambda f: log.failure("checking disabled users", f)
             )
             presence.check_lists().addErrback(lambda f: log.failure("checking lists", f))
+            if router.clustered:
+                messenger.catch_up().addErrback(lambda f: log.failure("catching up", f))
         except Exception:
             log.failure("housekeeping")
 
@@ -269,10 +319,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     sampler = TimerService(SAMPLE_INTERVAL, metrics.sample)
     sampler.clock = reactor
 
+    routing: list[Service] = []
+    if isinstance(router, RedisRouter):
+        join_cluster(router, sessions, presence, messenger)
+        redis_router = router
+        routing.append(CallbackService(
+            "routing", reactor, lambda: redis_router.start(reactor), redis_router.stop
+        ))
+
     # Started in this order, stopped in reverse: listeners first, the store last.
     for service in [
         CallbackService("store", reactor, store.start, store.stop),
         CallbackService("auth", reactor, verifier.start, verifier.stop),
+        *routing,
         timer,
         resend,
         sampler,

@@ -68,10 +68,16 @@ class Harness:
     """The access layer wired to an in-memory store and a clock."""
 
     def __init__(self, **settings: Any) -> None:
-        self.reactor = MemoryReactorClock()
-        self.reactor.advance(NOW)
-        self.store = memory_store(self.reactor, settings.pop("path", ":memory:"))
-        self.router = LocalRouter()
+        reactor = settings.pop("reactor", None)
+        if reactor is None:
+            reactor = MemoryReactorClock()
+            reactor.advance(NOW)
+        self.reactor = reactor
+        store = settings.pop("store", None)  # another node's, shared
+        path = settings.pop("path", ":memory:")
+        self.store = store if store is not None else memory_store(self.reactor, path)
+        router = settings.pop("router", None)  # a router of several nodes
+        self.router: Any = router if router is not None else LocalRouter()
         self.throttle = LoginThrottle(self.reactor)
         self.auth = Authenticator(self.store, self.throttle, immediate_verify)
         self.presence = Presence(self.router, self.store)

@@ -449,15 +449,26 @@ class OptionsTests(ConfigFileTestCase):
         self.assertNotIn("\n", message)
         self.assertIn("[listen] port", message)
 
-    def test_redis_backend_not_available_yet(self) -> None:
-        """backend = redis is a contract value this version cannot run: the
-        start stops with one line naming the key."""
-        path = self.write_config("[routing]\nbackend = redis\n")
-        with self.assertRaises(SystemExit) as caught:
-            self.parse("--config", path)
-        message = str(caught.exception.code)
-        self.assertNotIn("\n", message)
-        self.assertIn("[routing] backend", message)
+    def test_redis_backend_is_accepted(self) -> None:
+        """backend = redis with a Redis endpoint starts (several nodes)."""
+        path = self.write_config(
+            "[routing]\nbackend = redis\nredis = tcp:10.0.0.5:6380\nnode_ttl = 5\nweight = 3\n"
+        )
+        config = self.parse("--config", path).config
+        self.assertEqual(config.routing_backend, "redis")
+        self.assertEqual(config.redis, "tcp:10.0.0.5:6380")
+        self.assertEqual((config.node_ttl, config.weight), (5, 3))
+
+    def test_bad_redis_endpoint_is_one_line(self) -> None:
+        """A Redis endpoint that is not a client endpoint, or misses its port,
+        stops the start with one line naming [routing] redis."""
+        for value in ("127.0.0.1:6379", "tcp:127.0.0.1", "ssl:host:1"):
+            path = self.write_config(f"[routing]\nbackend = redis\nredis = {value}\n")
+            with self.assertRaises(SystemExit) as caught:
+                self.parse("--config", path)
+            message = str(caught.exception.code)
+            self.assertNotIn("\n", message)
+            self.assertIn("[routing] redis", message, value)
 
     def test_missing_config_file_is_one_line(self) -> None:
         """A config file that cannot be read stops the start with one line."""

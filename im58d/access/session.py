@@ -27,6 +27,8 @@ class Session:
         "nonces",
         "friends",
         "versions",
+        "gen",
+        "pull_max",
         "__weakref__",
     )
 
@@ -60,6 +62,11 @@ class Session:
         # MSG_Ns sent on the current connection and not acked yet:
         # (seq, frame, sent at), oldest first; None when there are none
         self.unacked: deque[tuple[int, bytes, float]] | None = None
+        # how often the session moved between nodes (several nodes only)
+        self.gen = 0
+        # the inbox_max of the last WELCOME or RESUMED: the client pulls up
+        # to it, pushes come above it
+        self.pull_max = 0
 
     def __repr__(self) -> str:
         state = "ended" if self.ended else "attached" if self.connection else "lingering"

@@ -96,15 +96,21 @@ class SessionManager:
         )
         session.friends = frozenset(state["friends"])
         session.versions = state["versions"]
+        session.pull_max = state["inbox_max"]
+        # the deployment's record: a session of the user on another node
+        # ends there, quietly
+        replaced_elsewhere = yield self.router.register(session)
         old = self.router.attach(session)
         if old is not None:
             self._replaced(old)  # the friends see no change
-        elif self.presence is not None:
+        elif self.presence is not None and not replaced_elsewhere:
             self.presence.online(session)
-        if connection is not None:
+        if connection is not None and connected():
             self.attach(session, connection)
         else:
             self._start_linger(session)
+            if connection is not None:
+                return None  # the connection went while it was recorded
         log.info(
             "login uid={uid} device={device!r} from {address}",
             uid=uid,
@@ -127,6 +133,12 @@ class SessionManager:
         ``ResumeRefused``; None when the connection went away meanwhile.
         """
         session = self.router.session_by_id(resume.session_id)
+        here = session is not None
+        if session is None:
+            # made or kept on another node: its record is in the registry
+            record = yield self.router.fetch(resume.session_id)
+            if record is not None:
+                session = self._from_record(resume.session_id, record)
         now = self.clock.seconds()
         if session is None or session.ended:
             raise ResumeRefused("no such session")
@@ -148,14 +160,86 @@ class SessionManager:
         if not hmac.compare_digest(expected, resume.mac):
             raise ResumeRefused("bad proof")
         nonces[resume.nonce] = now
-        # as for LOGIN: what is committed after this read is pushed live
-        inbox_max = yield self.store.inbox_max(session.uid)
+        fresh = yield self.router.use_nonce(resume.session_id, resume.nonce)
+        if not fresh:
+            raise ResumeRefused("nonce used before")
+        if here:
+            # as for LOGIN: what is committed after this read is pushed live
+            inbox_max = yield self.store.inbox_max(session.uid)
+        else:
+            if not (yield self.router.take(session)):
+                raise ResumeRefused("no such session")
+            # here from now on, lingering until the connection is attached
+            self._keep(session)
+            state = yield self.store.session_state(session.uid)
+            session.friends = frozenset(state["friends"])
+            session.versions = state["versions"]
+            inbox_max = state["inbox_max"]
         if session.ended:
             raise ResumeRefused("the session ended meanwhile")
         if not connected():
             return None
+        session.pull_max = inbox_max
         self.attach(session, connection)
         return session, inbox_max
+
+    def _from_record(self, session_id: bytes, record: dict[str, Any]) -> Session:
+        session = Session(
+            record["uid"],
+            session_id,
+            record["key"],
+            record["token"],
+            record["device"],
+            record["client"],
+            record["started"],
+        )
+        session.gen = record["gen"]
+        return session
+
+    def _keep(self, session: Session) -> None:
+        """A session that came from another node lingers here."""
+        old = self.router.attach(session)
+        if old is not None and old is not session:
+            self._replaced(old)  # a stale copy
+        self._start_linger(session)
+
+    def adopt(self, records: list[dict[str, Any]]) -> None:
+        """Sessions of a node that stopped (or that this node kept while Redis
+        was away) linger here: their clients resume on any node, and if
+        they do not, the session ends here and the friends are told."""
+        for record in records:
+            if self.router.session_by_id(record["session_id"]) is not None:
+                continue
+            session = self._from_record(record["session_id"], record)
+            self._keep(session)
+            d = self.store.session_state(session.uid)
+            d.addCallback(self._adopted, session)
+            d.addErrback(lambda f: log.failure("reading an adopted session's state", f))
+        log.info("{n} sessions adopted, lingering {linger} s", n=len(records),
+                 linger=self.linger)
+
+    def _adopted(self, state: dict[str, Any], session: Session) -> None:
+        session.friends = frozenset(state["friends"])
+        session.versions = state["versions"]
+
+    def gone(self, session_id: bytes, gen: int | None, replaced: bool) -> None:
+        """Another node took the session (RESUME there) or replaced it (a
+        newer LOGIN there): it ends here without a word to the friends."""
+        session = self.router.session_by_id(session_id)
+        if session is None or session.ended:
+            return
+        if not replaced and gen is not None and session.gen >= gen:
+            return  # an old notice: the session came back here since
+        self.router.detach(session)
+        if replaced:
+            self._replaced(session)
+            return
+        session.ended = True
+        session.unacked = None
+        self._stop_linger(session)
+        connection, session.connection = session.connection, None
+        if connection is not None:
+            connection.abort()  # the client is on the other node now
 
     def attach(self, session: Session, connection: IConnection) -> None:
         """The session's connection is ``connection`` from now on; one still
@@ -241,5 +325,13 @@ class SessionManager:
         was_current = self.router.detach(session)
         session.connection = None
         session.unacked = None
+        # with several nodes, the registry decides whether it was still the
+        # user's session, so that exactly one node tells the friends
+        d = self.router.release(session, was_current)
+        if self.presence is not None:
+            d.addCallback(self._ended, session)
+        d.addErrback(lambda f: log.failure("ending a session", f))
+
+    def _ended(self, was_current: bool, session: Session) -> None:
         if was_current and self.presence is not None:
             self.presence.offline(session)

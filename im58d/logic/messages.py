@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -82,6 +82,7 @@ class Messenger:
         self.retransmitted = 0
         self.acks = 0
         self.acks_out = 0  # ACK_Ns sent to senders
+        self.caught_up = 0  # MSG_Ns pushed from the store after a lost publication
 
     # packets from the access layer (handler(connection, packet))
 
@@ -173,6 +174,8 @@ class Messenger:
         results, ack_results = outcome
         now = self.clock.seconds()
         session_for = self.router.session_for
+        # frames for users whose sessions are on other nodes: (uid, seq, frame)
+        remote: list[tuple[int, int, bytes]] | None = [] if self.router.clustered else None
         for (session, cmid, to, body, kind), result in zip(messages, results, strict=True):
             status = result[0]
             connection = session.connection
@@ -184,16 +187,23 @@ class Messenger:
                 if kind == KIND_USER:
                     receiver, seq = deliveries[0]
                     target = session_for(receiver)
-                    if target is not None and target.connection is not None:
-                        self._push(
-                            target, seq, frame(P.MSG_N, (seq, msg_id, session.uid, body, ts)), now
-                        )
+                    if target is not None:
+                        if target.connection is not None:
+                            msg_n = frame(P.MSG_N, (seq, msg_id, session.uid, body, ts))
+                            self._push(target, seq, msg_n, now)
+                    elif remote is not None:
+                        msg_n = frame(P.MSG_N, (seq, msg_id, session.uid, body, ts))
+                        remote.append((receiver, seq, msg_n))
                 else:
                     for receiver, seq in deliveries:
                         target = session_for(receiver)
-                        if target is not None and target.connection is not None:
+                        if target is not None:
+                            if target.connection is not None:
+                                msg_n = frame(P.MSG_N, (seq, msg_id, session.uid, body, ts, to))
+                                self._push(target, seq, msg_n, now)
+                        elif remote is not None:
                             msg_n = frame(P.MSG_N, (seq, msg_id, session.uid, body, ts, to))
-                            self._push(target, seq, msg_n, now)
+                            remote.append((receiver, seq, msg_n))
             elif status == DUPLICATE:
                 self.duplicates += 1
                 if connection is not None:
@@ -209,9 +219,14 @@ class Messenger:
                 session.connection.send(frame(P.ACK_A, (cursor,)))
             for sender, cmid, msg_id in newly:
                 target = session_for(sender)
-                if target is not None and target.connection is not None:
-                    target.connection.send(frame(P.ACK_N, (cmid, msg_id)))
-                    self.acks_out += 1
+                if target is not None:
+                    if target.connection is not None:
+                        target.connection.send(frame(P.ACK_N, (cmid, msg_id)))
+                        self.acks_out += 1
+                elif remote is not None:
+                    remote.append((sender, 0, frame(P.ACK_N, (cmid, msg_id))))
+        if remote:
+            self.router.forward(remote)
 
     def _failed(self, failure: Failure, messages: list[Any]) -> None:
         # Nothing of the batch is stored; the senders retransmit (no MSG_A
@@ -250,6 +265,51 @@ class Messenger:
         if not unacked:
             self._awaiting.add(session)
         unacked.append((seq, msg_n, now))
+
+    # several nodes
+
+    def forwarded(self, packets: list[tuple[int, int, bytes]]) -> None:
+        """Frames another node stored or acked for users whose sessions are
+        here: MSG_Ns (seq > 0) wait for their ACK_R as any push does."""
+        now = self.clock.seconds()
+        session_for = self.router.session_for
+        for uid, seq, packet in packets:
+            target = session_for(uid)
+            if target is None or target.connection is None:
+                continue  # in the inbox: pulled after the next RESUMED
+            if seq:
+                self._push(target, seq, packet, now)
+            else:
+                target.connection.send(packet)
+
+    @inlineCallbacks
+    def catch_up(self) -> Any:
+        """Push what is in the inboxes of this node's connected users and
+        was neither pushed nor told at WELCOME/RESUMED: publications of
+        other nodes are lost while Redis or a node is away (housekeeping,
+        and after Redis comes back)."""
+        connected = {s.uid: s for s in self.router.sessions() if s.connection is not None}
+        if not connected:
+            return
+        heads = yield self.store.inbox_heads(list(connected))
+        for uid, (head, acked) in heads.items():
+            session = connected[uid]
+            after = max(acked, session.pull_max)
+            if head <= after or session.connection is None:
+                continue
+            pending = {seq for seq, _, _ in session.unacked or ()}
+            if pending and max(pending) >= head:
+                continue  # pushed, waiting for the ack
+            entries, _ = yield self.store.inbox(uid, after, RESEND_AT_ONCE)
+            if session.connection is None or session.ended:
+                continue
+            now = self.clock.seconds()
+            for seq, msg_id, sender, group, body, ts in entries:
+                if seq in pending:
+                    continue
+                fields = (seq, msg_id, sender, body, ts) + ((group,) if group else ())
+                self._push(session, seq, frame(P.MSG_N, fields), now)
+                self.caught_up += 1
 
     # timers
 

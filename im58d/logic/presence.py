@@ -36,10 +36,15 @@ class Presence:
     def _tell_friends(self, session: Any, online: bool) -> None:
         packet = frame(P.PRESENCE, (session.uid, online))
         session_for = self.router.session_for
+        elsewhere = []
         for friend in session.friends:
             other = session_for(friend)
-            if other is not None and other.connection is not None:
+            if other is None:
+                elsewhere.append((friend, 0, packet))
+            elif other.connection is not None:
                 other.connection.send(packet)
+        if elsewhere and self.router.clustered:
+            self.router.forward(elsewhere)
 
     def changed(self, session: Any, versions: tuple[int, ...]) -> None:
         """The session's lists have these versions now: CHANGED for each
@@ -59,10 +64,14 @@ class Presence:
         reach the connected users as CHANGED within a round."""
         return self._compare({session.uid: session for session in self.router.sessions()})
 
-    def lists_moved(self, uids: list[int]) -> Deferred[None]:
-        """These users' lists changed through this daemon: CHANGED now."""
+    def lists_moved(self, uids: list[int], forward: bool = True) -> Deferred[None]:
+        """These users' lists changed through this daemon: CHANGED now (the
+        users on other nodes get it from theirs, unless ``forward`` is off:
+        the notice came from another node)."""
         session_for = self.router.session_for
         sessions = {uid: s for uid in uids if (s := session_for(uid)) is not None}
+        if forward and len(sessions) < len(uids) and self.router.clustered:
+            self.router.forward_lists([uid for uid in uids if uid not in sessions])
         return self._compare(sessions)
 
     def _compare(self, sessions: dict[int, Any]) -> Deferred[None]:

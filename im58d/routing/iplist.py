@@ -57,6 +57,10 @@ def server_from_endpoint(description: str) -> AccessServer | None:
 
 class IPList:
     def __init__(self, servers: list[AccessServer]) -> None:
+        self.update(servers)
+
+    def update(self, servers: list[AccessServer]) -> None:
+        """The list is now ``servers`` (with several nodes: the live ones)."""
         self.servers = tuple(servers)
         self.body = {"servers": [asdict(s) for s in self.servers]}
         canonical = json.dumps(self.body, sort_keys=True).encode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from .interfaces import IRouter
@@ -12,6 +13,8 @@ from .interfaces import IRouter
 
 @implementer(IRouter)
 class LocalRouter:
+    clustered = False
+
     def __init__(self) -> None:
         self._by_uid: dict[int, Any] = {}
         self._by_id: dict[bytes, Any] = {}
@@ -51,3 +54,29 @@ class LocalRouter:
 
     def __len__(self) -> int:
         return len(self._by_uid)
+
+    # one node: this node's dicts are the deployment's
+
+    def register(self, session: Any) -> Deferred[bool]:
+        return succeed(False)
+
+    def fetch(self, session_id: bytes) -> Deferred[dict[str, Any] | None]:
+        return succeed(None)
+
+    def take(self, session: Any) -> Deferred[bool]:
+        return succeed(False)
+
+    def use_nonce(self, session_id: bytes, nonce: bytes) -> Deferred[bool]:
+        return succeed(True)
+
+    def release(self, session: Any, was_current: bool) -> Deferred[bool]:
+        return succeed(was_current)
+
+    def token_uid(self, token: str) -> Deferred[int | None]:
+        return succeed(None)
+
+    def forward(self, packets: list[tuple[int, int, bytes]]) -> None:
+        pass
+
+    def forward_lists(self, uids: list[int]) -> None:
+        pass

@@ -230,6 +230,19 @@ def deliver_txn(
     return results, ack_results
 
 
+def inbox_heads_txn(db: sqlite_utils.Database, uids: list[int]) -> dict[int, tuple[int, int]]:
+    """``{uid: (max_seq, acked_seq)}`` for the users with an inbox."""
+    heads: dict[int, tuple[int, int]] = {}
+    for start in range(0, len(uids), 500):
+        chunk = uids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for uid, max_seq, acked in db.execute(
+            f"SELECT uid, max_seq, acked_seq FROM inboxes WHERE uid IN ({marks})", chunk
+        ):
+            heads[uid] = (max_seq, acked)
+    return heads
+
+
 def inbox_txn(
     db: sqlite_utils.Database, uid: int, after: int, limit: int
 ) -> tuple[list[tuple[int, int, int, int | None, str | bytes, int]], int]:

@@ -152,6 +152,9 @@ class IStore(Interface):
         record a batch of acks ``(uid, seq)``, in one transaction: see
         ``im58d.store.inbox.deliver_txn`` for the results."""
 
+    def inbox_heads(uids: list[int]) -> Deferred[dict[int, tuple[int, int]]]:
+        """``{uid: (inbox_max, ack cursor)}`` of these users' inboxes."""
+
     def inbox(uid: int, after: int, limit: int) -> Deferred[tuple[list[Any], int]]:
         """Inbox entries after a seq, oldest first, and the inbox head."""
 

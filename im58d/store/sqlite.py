@@ -35,7 +35,15 @@ from .accounts import (
     set_password_txn,
     uid_for_name_txn,
 )
-from .inbox import AckResult, Submitted, deliver_txn, inbox_max_txn, inbox_txn, status_txn
+from .inbox import (
+    AckResult,
+    Submitted,
+    deliver_txn,
+    inbox_heads_txn,
+    inbox_max_txn,
+    inbox_txn,
+    status_txn,
+)
 from .interfaces import IStore, StoreError
 from .lists import (
     add_category_txn,
@@ -471,6 +479,9 @@ class SQLiteStore:
         friends_only: bool = False,
     ) -> Deferred[tuple[list[tuple[Any, ...]], list[AckResult]]]:
         return self._run(deliver_txn, messages, acks, now, friends_only, at_once=True)
+
+    def inbox_heads(self, uids: list[int]) -> Deferred[dict[int, tuple[int, int]]]:
+        return self._run(inbox_heads_txn, uids, write=False)
 
     def inbox(
         self, uid: int, after: int, limit: int

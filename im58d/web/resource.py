@@ -243,13 +243,44 @@ class AuthResource(JSONResource):
         super().__init__()
         self.router = router
 
+    def render(self, request: Request) -> Any:
+        token = _bearer(request)
+        if token and self.router.clustered and self.router.session_by_token(token) is None:
+            # a session held by another node: its token is in the registry
+            d = self.router.token_uid(token)
+            d.addCallback(self._render_for, request)
+            d.addErrback(_error_or_500, request)
+            d.addCallback(lambda body: None if body is None else _finish(body, request))
+            return NOT_DONE_YET
+        return super().render(request)
+
+    def _render_for(self, uid: int | None, request: Request) -> bytes | None:
+        if uid is not None:
+            request.remote_session = RemoteSession(uid)  # type: ignore[attr-defined]
+        result = super().render(request)
+        if result is NOT_DONE_YET:
+            return None  # the handler's Deferred finishes the request
+        body: bytes = result
+        return body
+
     def session(self, request: Request) -> Any:
         token = _bearer(request)
         session = self.router.session_by_token(token) if token else None
         if session is None:
+            session = getattr(request, "remote_session", None)
+        if session is None:
             request.setHeader(b"www-authenticate", b"Bearer")
             raise HTTPError(401, "unauthorized", "log in first (Authorization: Bearer TOKEN)")
         return session
+
+
+class RemoteSession:
+    """What an HTTP handler knows of a session held by another node."""
+
+    __slots__ = ("uid",)
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
 
 
 def _bearer(request: Request) -> str:
