@@ -187,6 +187,31 @@ class ExpositionTests(MetricsTestCase):
         self.assertEqual(self.value("im58d_report_batches_total"), 1)
 
 
+class ClusterMetricsTests(MetricsTestCase):
+    def test_several_nodes(self) -> None:
+        """With several nodes, the scrape shows whether the node is joined
+        through Redis, the live nodes, publications both ways, Redis
+        outages and the pushes caught up from the store; one node shows
+        none of the Redis families."""
+        names = {family.name for family in text_string_to_metric_families(self.get(
+            "/metrics")[2])}
+        self.assertNotIn("im58d_redis_up", names)
+        self.assertEqual(self.value("im58d_caught_up_total"), 0)
+        router = self.h.router
+        router.clustered = True
+        router.up, router.live_nodes = True, 3
+        router.published, router.received, router.outages = 10, 7, 1
+        self.h.messenger.caught_up = 4
+        self.assertEqual(self.value("im58d_redis_up"), 1)
+        self.assertEqual(self.value("im58d_cluster_nodes"), 3)
+        self.assertEqual(self.value("im58d_redis_published_total"), 10)
+        self.assertEqual(self.value("im58d_redis_received_total"), 7)
+        self.assertEqual(self.value("im58d_redis_outages_total"), 1)
+        self.assertEqual(self.value("im58d_caught_up_total"), 4)
+        router.up = False
+        self.assertEqual(self.value("im58d_redis_up"), 0)
+
+
 class HistogramTests(MetricsTestCase):
     def test_one_observation_per_commit(self) -> None:
         """A commit is observed once, with its messages and acks as its size,
