@@ -303,6 +303,8 @@ class Messenger:
             entries, _ = yield self.store.inbox(uid, after, RESEND_AT_ONCE)
             if session.connection is None or session.ended:
                 continue
+            # pushed meanwhile (a publication that came during the read)
+            pending = {seq for seq, _, _ in session.unacked or ()}
             now = self.clock.seconds()
             for seq, msg_id, sender, group, body, ts in entries:
                 if seq in pending:
