@@ -358,7 +358,9 @@ class RedisRouter(LocalRouter):
             return
         if self._commands.connection is None or not self._subscribed:
             return
-        self._joining = self._join()
+        d = self._join()
+        if not d.called:
+            self._joining = d
 
     def _link_lost(self, link: _Link) -> None:
         if link is self._subscriber:
@@ -409,7 +411,10 @@ class RedisRouter(LocalRouter):
             node=self.node, endpoint=self.endpoint, n=len(self),
         )
         self._outage_logged = False
-        yield self.on_rejoined()
+        try:
+            yield self.on_rejoined()
+        except Exception:
+            log.failure("catching up after joining")
 
     @inlineCallbacks
     def _rejoin(self, session: Any) -> Any:
