@@ -56,7 +56,8 @@ class _Link:
             self.held.append((side, data))
             return
         rng = self.proxy.rng
-        if rng.random() < self.proxy.stall_chance:
+        # once stopped, no new stall: its timer would outlive the test
+        if not self.proxy.stopped and rng.random() < self.proxy.stall_chance:
             self.proxy.stalls += 1
             self.stalled = True
             self.held.append((side, data))
@@ -128,6 +129,7 @@ class FaultyProxy(Factory):
         self.stalls = 0
         self.connections = 0
         self.port: Any = None
+        self.stopped = False
         self._calls: list[Any] = []
 
     def listen(self, port: int) -> Any:
@@ -147,6 +149,7 @@ class FaultyProxy(Factory):
         self._calls.append(self.reactor.callLater(delay, f))
 
     def stop(self) -> Any:
+        self.stopped = True
         for call in self._calls:
             if call.active():
                 call.cancel()
