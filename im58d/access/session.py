@@ -29,6 +29,7 @@ class Session:
         "versions",
         "gen",
         "pull_max",
+        "acked_max",
         "__weakref__",
     )
 
@@ -67,6 +68,8 @@ class Session:
         # the inbox_max of the last WELCOME or RESUMED: the client pulls up
         # to it, pushes come above it
         self.pull_max = 0
+        # the highest seq the client acked (it may not be committed yet)
+        self.acked_max = 0
 
     def __repr__(self) -> str:
         state = "ended" if self.ended else "attached" if self.connection else "lingering"

@@ -323,11 +323,12 @@ class SessionManager:
         session.ended = True
         self._stop_linger(session)
         was_current = self.router.detach(session)
+        connected = session.connection is not None
         session.connection = None
         session.unacked = None
         # with several nodes, the registry decides whether it was still the
         # user's session, so that exactly one node tells the friends
-        d = self.router.release(session, was_current)
+        d = self.router.release(session, was_current, connected)
         if self.presence is not None:
             d.addCallback(self._ended, session)
         d.addErrback(lambda f: log.failure("ending a session", f))

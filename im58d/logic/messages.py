@@ -110,6 +110,8 @@ class Messenger:
                 unacked.popleft()
         if seq > self._acks.get(session, -1):
             self._acks[session] = seq
+        if seq > session.acked_max:
+            session.acked_max = seq
         if not self._scheduled:
             self._arrived()
 
@@ -278,6 +280,8 @@ class Messenger:
             if target is None or target.connection is None:
                 continue  # in the inbox: pulled after the next RESUMED
             if seq:
+                if seq <= target.acked_max or _pushed(target.unacked, seq):
+                    continue  # a catch-up pushed it before its publication came
                 self._push(target, seq, packet, now)
             else:
                 target.connection.send(packet)
@@ -294,7 +298,7 @@ class Messenger:
         heads = yield self.store.inbox_heads(list(connected))
         for uid, (head, acked) in heads.items():
             session = connected[uid]
-            after = max(acked, session.pull_max)
+            after = max(acked, session.pull_max, session.acked_max)
             if head <= after or session.connection is None:
                 continue
             pending = {seq for seq, _, _ in session.unacked or ()}
@@ -303,11 +307,12 @@ class Messenger:
             entries, _ = yield self.store.inbox(uid, after, RESEND_AT_ONCE)
             if session.connection is None or session.ended:
                 continue
-            # pushed meanwhile (a publication that came during the read)
+            # pushed or acked meanwhile (a publication came during the read)
             pending = {seq for seq, _, _ in session.unacked or ()}
+            acked_max = session.acked_max
             now = self.clock.seconds()
             for seq, msg_id, sender, group, body, ts in entries:
-                if seq in pending:
+                if seq in pending or seq <= acked_max:
                     continue
                 fields = (seq, msg_id, sender, body, ts) + ((group,) if group else ())
                 self._push(session, seq, frame(P.MSG_N, fields), now)
@@ -349,3 +354,11 @@ class Messenger:
         d: Deferred[None] = Deferred()
         self._drained.append(d)
         return d
+
+
+def _pushed(unacked: Any, seq: int) -> bool:
+    """Whether ``seq`` waits for its ack already (rare: only a seq at or
+    below the newest one pushed is looked for)."""
+    if not unacked or seq > unacked[-1][0]:
+        return False
+    return any(s == seq for s, _, _ in unacked)

@@ -58,9 +58,10 @@ class IRouter(Interface):
     def use_nonce(session_id: bytes, nonce: bytes) -> Deferred[bool]:
         """Record a RESUME nonce; False when it was used before on any node."""
 
-    def release(session: Any, was_current: bool) -> Deferred[bool]:
-        """The session ended here; fires whether it was still the user's
-        session in the deployment (then, and only then, friends are told)."""
+    def release(session: Any, was_current: bool, connected: bool = False) -> Deferred[bool]:
+        """The session ended here (``connected``: its client was on this
+        node, a BYE); fires whether it was still the user's session in the
+        deployment (then, and only then, friends are told)."""
 
     def token_uid(token: str) -> Deferred[int | None]:
         """The uid of the session with this bearer token on any node."""

@@ -69,7 +69,7 @@ class LocalRouter:
     def use_nonce(self, session_id: bytes, nonce: bytes) -> Deferred[bool]:
         return succeed(True)
 
-    def release(self, session: Any, was_current: bool) -> Deferred[bool]:
+    def release(self, session: Any, was_current: bool, connected: bool = False) -> Deferred[bool]:
         return succeed(was_current)
 
     def token_uid(self, token: str) -> Deferred[int | None]:

@@ -13,6 +13,7 @@ path looks there and nowhere else); Redis holds what the other nodes need:
 ``im58d:token:TOKEN`` the SID of the session with this bearer token
 ``im58d:held:NODE``   SET of the SIDs a node holds (adopted when it dies)
 ``im58d:nonce:SID:N`` a RESUME nonce seen, kept for twice the RESUME window
+``im58d:epoch``       set by the first node: a new one means Redis lost its data
 ====================  ==========================================================
 
 SIDs are in hex.  Every change of more than one key is a Lua script, so that
@@ -108,7 +109,8 @@ return 0
 """
 
 # A session this node kept while Redis was away: recorded again, taken back
-# from a node that adopted it meanwhile; of two sessions of one user (two
+# from a node that adopted it meanwhile if its client is connected here
+# (else it is that node's now); of two sessions of one user (two
 # logins on two nodes during the outage) the one that started later stays.
 _REJOIN = """
 local me, sid, uid = ARGV[1], ARGV[2], ARGV[3]
@@ -125,6 +127,10 @@ if current then
     redis.call('SREM', 'im58d:held:' .. onode, osid)
     if onode ~= me then replaced = {'displaced', onode, osid} end
   elseif onode ~= me then
+    -- not connected here: its client resumed there, or that node adopted it
+    if ARGV[9] ~= '1' then
+      return {'moved', redis.call('HGET', 'im58d:session:' .. sid, 'gen') or 0}
+    end
     redis.call('HSET', 'im58d:users', uid, me .. ' ' .. sid)
     redis.call('HSET', 'im58d:session:' .. sid, 'node', me)
     local gen = redis.call('HINCRBY', 'im58d:session:' .. sid, 'gen', 1)
@@ -144,9 +150,11 @@ return {'ok'}
 
 # The node's entry, refreshed; the live entries; the sessions of nodes
 # whose entry expired move to this node (exactly one node removes a dead
-# node from the set, so exactly one adopts its sessions).
+# node from the set, so exactly one adopts its sessions); whether this
+# node's own entry was still there (else it may have been adopted).
 _REFRESH = """
 local me, entry, ttl = ARGV[1], ARGV[2], ARGV[3]
+local known = redis.call('EXISTS', 'im58d:node:' .. me)
 redis.call('SET', 'im58d:node:' .. me, entry, 'EX', ttl)
 redis.call('SADD', 'im58d:nodes', me)
 local alive, adopted = {}, 0
@@ -169,7 +177,7 @@ for _, id in ipairs(redis.call('SMEMBERS', 'im58d:nodes')) do
     redis.call('DEL', 'im58d:held:' .. id)
   end
 end
-return {alive, adopted}
+return {alive, adopted, known}
 """
 
 # The records of the sessions this node holds in Redis (stale SIDs dropped).
@@ -186,6 +194,13 @@ for _, sid in ipairs(redis.call('SMEMBERS', 'im58d:held:' .. me)) do
   end
 end
 return out
+"""
+
+# The deployment's Redis epoch: a new one when Redis lost its data (it was
+# restarted without persistence), when nothing it held can be trusted.
+_EPOCH = """
+redis.call('SET', 'im58d:epoch', ARGV[1], 'NX')
+return redis.call('GET', 'im58d:epoch')
 """
 
 _TOKEN = """
@@ -296,8 +311,13 @@ class RedisRouter(LocalRouter):
         self._stopping = False
         self._refresher = LoopingCall(self._refresh_now)
         self._refresher.clock = clock
-        # sessions that ended while Redis was away: released on rejoin
-        self._ended_away: list[tuple[str, int]] = []
+        # sessions that ended while Redis was away: released on rejoin, and
+        # then, if the ending waits for it, whether to tell the friends
+        self._ended_away: list[tuple[str, int, Deferred[bool] | None]] = []
+        # until when no other node can have adopted this node's sessions
+        # (its registry entry lives till then); None before the first join
+        self._entry_until: float | None = None
+        self._epoch: bytes | None = None
         self._outage_logged = False
         self._joining: Deferred[None] | None = None
         # counters (metrics)
@@ -323,9 +343,10 @@ class RedisRouter(LocalRouter):
         other nodes' next refresh) and close.  The sessions stay in Redis:
         the other nodes adopt them, and their clients resume there."""
         self._stopping = True
+        self.up = False
         if self._refresher.running:
             self._refresher.stop()
-        if self.up:
+        if self._commands.connection is not None and self._entry_until is not None:
             try:
                 yield self._call("DEL", f"{PREFIX}node:{self.node}")
             except Exception as e:
@@ -387,10 +408,22 @@ class RedisRouter(LocalRouter):
         """Redis is (back) here: record what happened meanwhile, then serve
         the deployment again.  Logins from here on register as usual."""
         self.up = True
+        ended, self._ended_away = self._ended_away, []
         try:
-            ended, self._ended_away = self._ended_away, []
-            for sid, uid in ended:
-                yield self._eval(_RELEASE, self.node, sid, uid)
+            epoch = yield self._eval(_EPOCH, os.urandom(8).hex())
+            # an empty Redis knows of no other node's claim: this node's
+            # view of the sessions that ended meanwhile is the answer
+            lost = self._epoch is not None and epoch != self._epoch
+            if lost:
+                log.warn("Redis at {endpoint} lost its data: recording this node's "
+                         "sessions again", endpoint=self.endpoint)
+            while ended:
+                sid, uid, told = ended[0]
+                mine = yield self._eval(_RELEASE, self.node, sid, uid)
+                del ended[0]
+                if told is not None:
+                    told.callback(bool(mine) or lost)
+            self._epoch = epoch
             for session in list(self._by_uid.values()):
                 if not session.ended:
                     yield self._rejoin(session)
@@ -418,10 +451,13 @@ class RedisRouter(LocalRouter):
 
     @inlineCallbacks
     def _rejoin(self, session: Any) -> Any:
-        reply = yield self._eval(_REJOIN, self.node, *_register_args(session))
+        connected = "1" if session.connection is not None else "0"
+        reply = yield self._eval(_REJOIN, self.node, *_register_args(session), connected)
         what = _text(reply[0])
         if what == "replaced":
             self.on_gone(session.session_id, None, True)
+        elif what == "moved":  # resumed on, or adopted by, another node
+            self.on_gone(session.session_id, int(reply[1]), False)
         elif what == "taken":
             session.gen = int(reply[2])
             self._publish(_text(reply[1]), [MOVED, session.session_id, session.gen])
@@ -475,9 +511,24 @@ class RedisRouter(LocalRouter):
         if not self.up or self._joining is not None:
             return
         try:
-            yield self._refresh()
+            known = yield self._refresh()
+            # a subscription Redis dropped (client-output-buffer limit, a
+            # failover) would leave the connection open and silent
+            _, listeners = yield self._call("PUBSUB", "NUMSUB", self.channel)
         except Exception as e:
             log.warn("refreshing the node registry failed: {error}", error=e)
+            return
+        if not int(listeners) and self._subscriber.connection is not None:
+            log.warn("Redis dropped the subscription to {channel}: subscribing again",
+                     channel=self.channel)
+            self._subscriber.connection.transport.abortConnection()
+        elif not known and self.up:
+            # the entry expired (a stall longer than node_ttl): the other
+            # nodes took this one for dead and may have adopted its sessions
+            log.warn("node {node} was taken for dead: joining again", node=self.node)
+            self.up = False
+            self.outages += 1
+            self._check_up()
 
     @inlineCallbacks
     def _refresh(self) -> Any:
@@ -488,7 +539,9 @@ class RedisRouter(LocalRouter):
             "load": len(self),
             "started": int(self.started),
         })
-        alive, adopted = yield self._eval(_REFRESH, self.node, entry, self.node_ttl)
+        sent = self.clock.seconds()
+        alive, adopted, known = yield self._eval(_REFRESH, self.node, entry, self.node_ttl)
+        self._entry_until = sent + self.node_ttl
         self.live_nodes = len(alive)
         live: set[AccessServer] = set()
         for raw in alive:
@@ -504,6 +557,7 @@ class RedisRouter(LocalRouter):
             log.info("node {node} adopted {n} sessions of nodes that stopped",
                      node=self.node, n=adopted)
             yield self._sync_held()
+        return bool(int(known))
 
     @inlineCallbacks
     def _sync_held(self) -> Any:
@@ -568,18 +622,33 @@ class RedisRouter(LocalRouter):
         d = self._call("SET", key, 1, "NX", "EX", NONCE_TTL)
         return d.addCallbacks(lambda reply: reply is not None, self._away, errbackArgs=(True,))
 
-    def release(self, session: Any, was_current: bool) -> Deferred[bool]:
+    def release(self, session: Any, was_current: bool, connected: bool = False) -> Deferred[bool]:
         sid = session.session_id.hex()
         if not self.up:
-            self._ended_away.append((sid, session.uid))
-            return succeed(was_current)
+            return self._release_later(sid, session.uid, was_current, connected)
         d = self._eval(_RELEASE, self.node, sid, session.uid)
         return d.addCallbacks(lambda mine: bool(mine) and was_current, self._release_failed,
-                              errbackArgs=(sid, session.uid, was_current))
+                              errbackArgs=(sid, session.uid, was_current, connected))
 
-    def _release_failed(self, failure: Failure, sid: str, uid: int, was_current: bool) -> bool:
-        self._ended_away.append((sid, uid))  # released on rejoin
-        return bool(self._away(failure, was_current))
+    def _release_failed(self, failure: Failure, sid: str, uid: int, was_current: bool,
+                        connected: bool) -> Deferred[bool]:
+        self._away(failure, None)
+        return self._release_later(sid, uid, was_current, connected)
+
+    def _release_later(self, sid: str, uid: int, was_current: bool,
+                       connected: bool) -> Deferred[bool]:
+        """Released on rejoin.  Whether the friends are told is known at
+        once when no other node can have the session (it never joined, or
+        the client said BYE here before this node's entry could expire);
+        else only Redis knows whether the client resumed elsewhere or
+        another node adopted it, and the answer waits for the rejoin."""
+        until = self._entry_until
+        if until is None or (connected and self.clock.seconds() < until):
+            self._ended_away.append((sid, uid, None))
+            return succeed(was_current)
+        told: Deferred[bool] = Deferred()
+        self._ended_away.append((sid, uid, told))
+        return told.addCallback(lambda mine: mine and was_current)
 
     def token_uid(self, token: str) -> Deferred[int | None]:
         if not self.up:
