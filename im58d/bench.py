@@ -14,11 +14,18 @@ six packets of "你好" on a fresh database, in idle mode the server's
 resident memory per logged-in connection that only heartbeats, and, in
 connect mode, the round trips, bytes and time of a LOGIN and of a RESUME over
 TCP, TLS 1.3 and TLS 1.2 (with and without TLS session resumption).
+
+Cluster mode (not part of ``all``: it needs ``redis-server``) runs the full
+and paced loads on two nodes behind a Redis of its own, every message from a
+sender on one node to a receiver on the other, and the same pairs on one
+node for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import configparser
+import contextlib
 import hashlib
 import hmac
 import json
@@ -32,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -91,23 +99,28 @@ def percentile(values: list[float], p: float) -> float:
 
 
 class Daemon:
-    """A daemon of the bench's own, on a fresh database in a temporary directory."""
+    """A daemon of the bench's own, on a fresh database in a temporary directory
+    (or, with ``database``, on another node's database: no users are added)."""
 
     def __init__(
-        self, users: int, keep: bool = False, config: str | None = None, tls: bool = False
+        self, users: int, keep: bool = False, config: str | None = None, tls: bool = False,
+        database: str | None = None,
     ) -> None:
         self.directory = tempfile.mkdtemp(prefix="im58d-bench-")
         self.keep = keep
-        self.database = os.path.join(self.directory, "im58d.sqlite")
-        db = open_database(self.database)
-        # Bench accounts get a cheap scrypt cost: thousands of logins would
-        # otherwise measure scrypt, not the message path.
-        cheap = hash_password(PASSWORD, n=16)
-        db.conn.execute("BEGIN")
-        for i in range(users):
-            add_user_txn(db, f"bench{i}", cheap, 0)
-        db.conn.execute("COMMIT")
-        db.conn.close()
+        if database is not None:
+            self.database = database
+        else:
+            self.database = os.path.join(self.directory, "im58d.sqlite")
+            db = open_database(self.database)
+            # Bench accounts get a cheap scrypt cost: thousands of logins would
+            # otherwise measure scrypt, not the message path.
+            cheap = hash_password(PASSWORD, n=16)
+            db.conn.execute("BEGIN")
+            for i in range(users):
+                add_user_txn(db, f"bench{i}", cheap, 0)
+            db.conn.execute("COMMIT")
+            db.conn.close()
         self.port = free_port()
         self.http_port = free_port()
         access = ["--access", f"tcp:{self.port}:interface=127.0.0.1"]
@@ -146,9 +159,86 @@ class Daemon:
                 time.sleep(0.05)
         raise SystemExit(f"im58d-bench: the daemon did not start; see {self.log.name}")
 
+    def metrics(self) -> dict[str, float]:
+        """The daemon's ``GET /metrics`` (loopback needs no token), sample by
+        sample: ``{'im58d_redis_up': 1.0, ...}``."""
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode("utf-8")
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def output(self) -> bytes:
+        """What the daemon wrote so far."""
+        self.log.flush()
+        with open(self.log.name, "rb") as f:
+            return f.read()
+
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(30)
+        self.log.close()
+        if not self.keep:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class Redis:
+    """A ``redis-server`` of the bench's own: a free loopback port, no
+    persistence, its directory a temporary one."""
+
+    def __init__(self, keep: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("im58d-bench: cluster mode needs redis-server on PATH "
+                             "(apt-get install redis-server)")
+        self.directory = tempfile.mkdtemp(prefix="im58d-bench-redis-")
+        self.keep = keep
+        self.port = free_port()
+        self.log = open(os.path.join(self.directory, "redis.log"), "wb")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.directory],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.directory,
+        )
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.05)
+        self.close()
+        raise SystemExit(f"im58d-bench: redis-server did not start; see {self.log.name}")
+
+    def node_config(self, base: str | None) -> str:
+        """A node's config file: ``base`` (or the defaults) with ``[routing]
+        backend = redis`` on this server; written to this directory."""
+        config = configparser.ConfigParser(
+            interpolation=None, inline_comment_prefixes=(";",), default_section="\0none")
+        config.optionxform = str  # type: ignore[assignment,method-assign]
+        if base is not None:
+            with open(base, encoding="utf-8") as f:
+                config.read_file(f, base)
+        if not config.has_section("routing"):
+            config.add_section("routing")
+        config["routing"]["backend"] = "redis"
+        config["routing"]["redis"] = f"tcp:127.0.0.1:{self.port}"
+        path = os.path.join(self.directory, "node.ini")
+        with open(path, "w", encoding="utf-8") as f:
+            config.write(f)
+        return path
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
         self.log.close()
         if not self.keep:
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -162,11 +252,13 @@ class Meter:
         self.delivered = 0
         self.latencies: list[float] = []
         self.recording = False
+        self.duplicates = 0  # MSG_Ns of a seq the receiver had already seen
 
     def reset(self) -> None:
         self.bytes = 0
         self.delivered = 0
         self.latencies = []
+        self.duplicates = 0
 
 
 class Conn(Protocol):
@@ -180,6 +272,7 @@ class Conn(Protocol):
         self.uid = 0
         self.peer: Conn | None = None
         self.sent_at: deque[float] = deque()  # MSG_R times, for the receiver's latency
+        self.last_seq = 0  # the highest MSG_N seq received
         self.next_cmid = 1
         self.in_flight = 0
         self.window = 0
@@ -219,11 +312,15 @@ class Conn(Protocol):
         for packet in self.decoder.feed(data):
             kind = type(packet)
             if kind is P.MsgN:
-                now = time.perf_counter()
-                sent = self.sent_at.popleft() if self.sent_at else now
-                if meter.recording:
-                    meter.delivered += 1
-                    meter.latencies.append(now - sent)
+                if packet.seq > self.last_seq:
+                    self.last_seq = packet.seq
+                    now = time.perf_counter()
+                    sent = self.sent_at.popleft() if self.sent_at else now
+                    if meter.recording:
+                        meter.delivered += 1
+                        meter.latencies.append(now - sent)
+                else:  # sent again: acked again, not counted
+                    meter.duplicates += 1
                 if self.ack_each:
                     self.write(frame(P.ACK_R, (packet.seq,)))
                 else:
@@ -252,12 +349,21 @@ async def connect(reactor: Any, meter: Meter, port: int, user: str) -> Conn:
     return await logged_in
 
 
-async def pairs_of(reactor: Any, meter: Meter, port: int, count: int) -> list[Conn]:
+async def pairs_of(reactor: Any, meter: Meter, port: int, count: int,
+                   other_port: int | None = None) -> list[Conn]:
+    """``count`` senders (bench0, bench2, ...) logged in with their receivers
+    (bench1, bench3, ...).  With ``other_port`` every pair is split between
+    the two ports: the even pairs' senders on ``port`` and receivers on
+    ``other_port``, the odd pairs the other way round."""
     senders = []
     for i in range(count):
+        to = port if other_port is None else other_port
+        sender_port, receiver_port = (port, to) if i % 2 == 0 else (to, port)
         sender, receiver = await defer.gatherResults([
-            defer.Deferred.fromCoroutine(connect(reactor, meter, port, f"bench{2 * i}")),
-            defer.Deferred.fromCoroutine(connect(reactor, meter, port, f"bench{2 * i + 1}")),
+            defer.Deferred.fromCoroutine(
+                connect(reactor, meter, sender_port, f"bench{2 * i}")),
+            defer.Deferred.fromCoroutine(
+                connect(reactor, meter, receiver_port, f"bench{2 * i + 1}")),
         ])
         sender.peer = receiver
         senders.append(sender)
@@ -281,11 +387,27 @@ async def six_packets(reactor: Any, meter: Meter, sender: Conn) -> dict[str, Any
     return {"bytes": len(frames), "hex": frames.hex()}
 
 
+def _cpu(pids: Sequence[int]) -> list[float]:
+    return [cpu_seconds(pid) for pid in pids]
+
+
 async def load(
-    reactor: Any, meter: Meter, senders: list[Conn], daemon_pid: int | None,
+    reactor: Any, meter: Meter, senders: list[Conn], daemon_pid: int | Sequence[int] | None,
     window: int, rate: float | None, warmup: float, duration: float, ack_each: bool,
+    redis_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Run the flow for warmup + duration seconds; measure over the duration."""
+    """Run the flow for warmup + duration seconds; measure over the duration.
+
+    The server's CPU is summed over ``daemon_pid`` (several pids: the nodes
+    of a cluster, each one's share in ``node_cpu_cores``); Redis's CPU, with
+    ``redis_pid``, is reported apart."""
+    if daemon_pid is None:
+        pids: list[int] = []
+    elif isinstance(daemon_pid, int):
+        pids = [daemon_pid]
+    else:
+        pids = list(daemon_pid)
+
     def refill(conn: Conn) -> None:
         while conn.in_flight < conn.window:
             conn.send_message()
@@ -319,13 +441,15 @@ async def load(
     await task.deferLater(reactor, warmup)
     meter.reset()
     meter.recording = True
-    cpu0 = cpu_seconds(daemon_pid) if daemon_pid else None
+    cpu0 = _cpu(pids)
+    redis0 = cpu_seconds(redis_pid) if redis_pid else 0.0
     own0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     await task.deferLater(reactor, duration)
     elapsed = time.perf_counter() - t0
     meter.recording = False
-    cpu1 = cpu_seconds(daemon_pid) if daemon_pid else None
+    cpu1 = _cpu(pids)
+    redis1 = cpu_seconds(redis_pid) if redis_pid else 0.0
     own1 = resource.getrusage(resource.RUSAGE_SELF)
     if pacer is not None:
         pacer.stop()
@@ -343,9 +467,15 @@ async def load(
             ((own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime))
             / delivered * 1e6, 1) if delivered else None,
     }
-    if cpu0 is not None and cpu1 is not None and delivered:
-        result["server_cpu_us_per_msg"] = round((cpu1 - cpu0) / delivered * 1e6, 1)
-        result["server_cpu_cores"] = round((cpu1 - cpu0) / elapsed, 2)
+    if pids and delivered:
+        used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
+        result["server_cpu_us_per_msg"] = round(sum(used) / delivered * 1e6, 1)
+        result["server_cpu_cores"] = round(sum(used) / elapsed, 2)
+        if len(pids) > 1:
+            result["node_cpu_cores"] = [round(u / elapsed, 2) for u in used]
+    if redis_pid and delivered:
+        result["redis_cpu_us_per_msg"] = round((redis1 - redis0) / delivered * 1e6, 1)
+        result["redis_cpu_cores"] = round((redis1 - redis0) / elapsed, 2)
     return result
 
 
@@ -869,10 +999,121 @@ async def report_mode(reactor: Any, keep: bool = False, config: str | None = Non
         daemon.close()
 
 
+# -- cluster mode: two nodes through Redis -------------------------------------
+
+# what in a node's output means something went wrong inside it
+_TROUBLE = (b"Traceback", b"Unhandled", b"Error", b"failed", b"unreachable")
+# counters of a node, for the check after a cluster run
+_COUNTERS = {
+    "stored": "im58d_messages_stored_total",
+    "pushed": "im58d_messages_out_total",
+    "commits": "im58d_commits_total",
+    "retransmits": "im58d_retransmits_total",
+    "dedup_hits": "im58d_dedup_hits_total",
+    "caught_up": "im58d_caught_up_total",
+    "published": "im58d_redis_published_total",
+    "received": "im58d_redis_received_total",
+    "outages": "im58d_redis_outages_total",
+}
+
+
+def wait_joined(nodes: Sequence[Daemon], timeout: float = 30.0) -> None:
+    """Until every node has joined through Redis (``im58d_redis_up 1``)."""
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while True:
+            try:
+                if node.metrics().get("im58d_redis_up") == 1:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"im58d-bench: a node did not join through Redis; "
+                                 f"see {node.log.name}")
+            time.sleep(0.05)
+
+
+Report = Callable[[str, dict[str, Any]], None]
+
+
+async def _runs(reactor: Any, args: argparse.Namespace, report: Report, name: str,
+                port: int, other_port: int | None, pids: Sequence[int],
+                redis_pid: int | None) -> list[Conn]:
+    """Log the pairs in, then the full and the paced load; the senders."""
+    meter = Meter()
+    senders = await pairs_of(reactor, meter, port, args.pairs, other_port)
+    for label, rate in (("full", None), (f"paced_{int(args.rate)}", args.rate)):
+        result = await load(reactor, meter, senders, pids, args.window, rate, args.warmup,
+                            args.duration, not args.coalesce_acks, redis_pid)
+        result["duplicate_msg_n"] = meter.duplicates
+        report(f"{name}_{label}", result)
+    return senders
+
+
+async def _check(reactor: Any, nodes: Sequence[Daemon], senders: list[Conn]
+                 ) -> dict[str, Any]:
+    """After the runs: messages still without their ACK_N, MSG_Ns never
+    received, and the nodes' counters (one value per node); then the
+    connections close.  Suspect lines in a node's output are told, and its
+    directory is kept."""
+    await task.deferLater(reactor, 2.0)  # a late MSG_N or ACK_N
+    check: dict[str, Any] = {
+        "in_flight_left": sum(conn.in_flight for conn in senders),
+        "msg_n_missing": sum(len(conn.peer.sent_at) for conn in senders if conn.peer),
+    }
+    counters = [node.metrics() for node in nodes]
+    for key, metric in _COUNTERS.items():
+        if metric in counters[0]:
+            check[key] = [int(c[metric]) for c in counters]
+    for conn in senders:
+        conn.transport.loseConnection()  # type: ignore[union-attr]
+        conn.peer.transport.loseConnection()  # type: ignore[union-attr]
+    for node in nodes:
+        trouble = [line for line in node.output().splitlines()
+                   if any(word in line for word in _TROUBLE)]
+        if trouble:
+            print(f"im58d-bench: {len(trouble)} suspect lines in {node.log.name} "
+                  f"(kept), the first: {trouble[0].decode(errors='replace')}",
+                  file=sys.stderr)
+            node.keep = True
+    return check
+
+
+async def cluster(reactor: Any, args: argparse.Namespace, report: Report) -> None:
+    """The full and paced loads on one node (local routing), then on two
+    nodes behind a ``redis-server`` of the bench's own, sharing one
+    database, each pair split between the nodes (half the senders on each)
+    so that every MSG_N and every ACK_N crosses through Redis.  After each,
+    what is left in flight and the nodes' counters."""
+    users = 2 * args.pairs
+    with contextlib.ExitStack() as stack:
+        redis = Redis(args.keep)
+        stack.callback(redis.close)
+        daemon = Daemon(users, args.keep, args.daemon_config)
+        try:
+            senders = await _runs(reactor, args, report, "cluster_one_node", daemon.port,
+                                  None, [daemon.pid], None)
+            report("cluster_one_node_check", await _check(reactor, [daemon], senders))
+        finally:
+            daemon.close()
+        config = redis.node_config(args.daemon_config)
+        first = Daemon(users, args.keep, config)
+        stack.callback(first.close)
+        second = Daemon(0, args.keep, config, database=first.database)
+        stack.callback(second.close)  # closed first: the database is first's
+        nodes = (first, second)
+        wait_joined(nodes)
+        senders = await _runs(reactor, args, report, "cluster_two_nodes", first.port,
+                              second.port, [first.pid, second.pid], redis.pid)
+        report("cluster_two_nodes_check", await _check(reactor, nodes, senders))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="im58d-bench", description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="all",
-                   choices=["all", "full", "paced", "bytes", "idle", "connect", "sync", "report"])
+                   choices=["all", "full", "paced", "bytes", "idle", "connect", "sync", "report",
+                            "cluster"],
+                   help="cluster (not part of all): one node against two through Redis")
     p.add_argument("--pairs", type=int, default=50)
     p.add_argument("--window", type=int, default=16, help="messages in flight per sender")
     p.add_argument("--rate", type=float, default=2000.0, help="paced messages per second")
@@ -962,6 +1203,10 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         for name, cost in (await report_mode(reactor, args.keep, args.daemon_config,
                                              args.events)).items():
             report(name, cost)
+    if args.mode == "cluster":
+        if args.target:
+            raise SystemExit("im58d-bench: cluster mode runs daemons of the bench's own")
+        await cluster(reactor, args, report)
     if args.json:
         print(json.dumps(results))
 
