@@ -98,6 +98,21 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
+def listening(process: subprocess.Popen[bytes], port: int, timeout: float = 30.0) -> bool:
+    """Whether ``process`` came to accept connections on loopback ``port``
+    (False: it exited, or the time ran out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            if process.poll() is not None:
+                return False
+            time.sleep(0.05)
+    return False
+
+
 class Daemon:
     """A daemon of the bench's own, on a fresh database in a temporary directory
     (or, with ``database``, on another node's database: no users are added)."""
@@ -148,16 +163,8 @@ class Daemon:
             env=dict(os.environ, PYTHONPATH=_CODE + os.pathsep + os.environ.get("PYTHONPATH", "")),
         )
         self.pid = self.process.pid
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.05)
-        raise SystemExit(f"im58d-bench: the daemon did not start; see {self.log.name}")
+        if not listening(self.process, self.port):
+            raise SystemExit(f"im58d-bench: the daemon did not start; see {self.log.name}")
 
     def metrics(self) -> dict[str, float]:
         """The daemon's ``GET /metrics`` (loopback needs no token), sample by
@@ -205,15 +212,8 @@ class Redis:
             stdout=self.log, stderr=subprocess.STDOUT, cwd=self.directory,
         )
         self.pid = self.process.pid
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.05)
+        if listening(self.process, self.port):
+            return
         self.close()
         raise SystemExit(f"im58d-bench: redis-server did not start; see {self.log.name}")
 

@@ -29,36 +29,16 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from im58d.client import DELIVERED, STORED, Client, ClientState, Message, Outgoing
-from im58d.logic.passwords import hash_password
-from im58d.store.accounts import add_user_txn, make_friends_txn
-from im58d.store.sqlite import open_database
 from im58d.wire import packets as P
 
 from .e2e import Daemon, PacketClient, admin, connect, free_port, until
 from .redis_server import HOST, SKIP, RedisServer, Relay
+from .test_shared_store import make_users
 
 # seconds a node's registry entry lives: a killed node is dead after this
 NODE_TTL = 3
 # what in a node's output means something went wrong inside it
 TROUBLE = (b"Traceback", b"Unhandled")
-
-
-def make_users(path: str, names: Sequence[str],
-               friends: Iterable[tuple[str, str]] = ()) -> dict[str, int]:
-    """Users (password "pw") and friendships, written straight to the shared
-    database (schema and all) before the nodes read it."""
-    db = open_database(path)
-    try:
-        hashed = hash_password("pw")
-        now = int(time.time())
-        db.conn.execute("BEGIN IMMEDIATE")
-        uids = {name: add_user_txn(db, name, hashed, now) for name in names}
-        for one, other in friends:
-            make_friends_txn(db, uids[one], uids[other], now)
-        db.conn.execute("COMMIT")
-    finally:
-        db.conn.close()
-    return uids
 
 
 def resume_for(welcome: P.Welcome) -> P.Resume:

@@ -154,7 +154,9 @@ class TwoNodes(SynchronousTestCase):
         self.a.turn()
 
 
-class MessagesAcrossNodes(TwoNodes):
+class FriendsOnTwoNodes(TwoNodes):
+    """alice logged in on node a, her friend bob on node b."""
+
     def setUp(self) -> None:
         super().setUp()
         self.alice = self.a.connect()
@@ -164,6 +166,8 @@ class MessagesAcrossNodes(TwoNodes):
         self.turn()
         self.assertEqual(self.alice.received(), [P.Presence(self.uids["bob"], True)])
 
+
+class MessagesAcrossNodes(FriendsOnTwoNodes):
     def test_six_packets_across_nodes(self) -> None:
         """alice on node a, bob on node b: MSG_A to alice, MSG_N to bob from
         node b, ACK_A to bob, ACK_N back to alice on node a."""
@@ -279,16 +283,7 @@ class MessagesAcrossNodes(TwoNodes):
         return token
 
 
-class SessionsAcrossNodes(TwoNodes):
-    def setUp(self) -> None:
-        super().setUp()
-        self.alice = self.a.connect()
-        self.alice.login("alice")
-        self.bob = self.b.connect()
-        self.bob_welcome = self.bob.login("bob")
-        self.turn()
-        self.assertEqual(self.alice.received(), [P.Presence(self.uids["bob"], True)])
-
+class SessionsAcrossNodes(FriendsOnTwoNodes):
     def resume_on_a(self, nonce: bytes = b"n0nce-01") -> Any:
         client = self.a.connect()
         client.send(resume_for(self.bob_welcome, ts=int(self.a.reactor.seconds()), nonce=nonce))

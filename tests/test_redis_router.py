@@ -210,6 +210,15 @@ class RedisRouterTestCase(TestCase):
             transport: Any = self.server.transport
             transport.signalProcess(sig)
 
+    async def resumed_on(self, node: Node, session: FakeSession) -> FakeSession:
+        """As a RESUME on ``node`` does: fetch the record, take the session;
+        the node's copy."""
+        record = await node.router.fetch(session.session_id)
+        assert record is not None
+        copy = FakeSession.from_record(session.session_id, record)
+        self.assertIs(await node.router.take(copy), True)
+        return copy
+
     async def owner(self, uid: int) -> bytes | None:
         """``"NODE SID"``: where Redis says the user's session is."""
         value: bytes | None = await self.redis("HGET", "im58d:users", uid)
@@ -434,10 +443,7 @@ class SessionTests(RedisRouterTestCase):
         b = await self.node("b")
         session = FakeSession(15)
         await a.login(session)
-        record = await b.router.fetch(session.session_id)
-        assert record is not None
-        copy = FakeSession.from_record(session.session_id, record)
-        self.assertIs(await b.router.take(copy), True)
+        copy = await self.resumed_on(b, session)
         a.router.detach(session)  # its linger ran out before the MOVED came
         self.assertIs(await a.router.release(session, True), False)
         self.assertEqual(await self.owner(15), b"b " + session.sid)
@@ -848,10 +854,7 @@ class OutageTests(RedisRouterTestCase):
         await a.login(session)
         await relay.cut()
         await until(lambda: not a.router.up, what="node a cut off")
-        record = await b.router.fetch(session.session_id)
-        assert record is not None
-        moved = FakeSession.from_record(session.session_id, record)
-        self.assertIs(await b.router.take(moved), True)
+        await self.resumed_on(b, session)
         await relay.listen()
         await self.rejoined(a)
         self.assertEqual(await self.owner(1), b"b " + session.sid)
@@ -873,10 +876,7 @@ class OutageTests(RedisRouterTestCase):
         await a.login(session)
         await relay.cut()
         await until(lambda: not a.router.up, what="node a cut off")
-        record = await b.router.fetch(session.session_id)
-        assert record is not None
-        self.assertIs(await b.router.take(FakeSession.from_record(session.session_id, record)),
-                      True)
+        await self.resumed_on(b, session)
         a.router.detach(session)
         session.ended = True
         expired = a.router.release(session, True)

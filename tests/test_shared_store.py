@@ -15,7 +15,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from treq.client import HTTPClient
@@ -28,7 +28,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from im58d.client import Client, ClientState, Message
 from im58d.logic.passwords import hash_password
-from im58d.store.accounts import add_user_txn
+from im58d.store.accounts import add_user_txn, make_friends_txn
 from im58d.store.sqlite import open_database
 from im58d.wire import packets as P
 
@@ -53,15 +53,19 @@ TROUBLE = (
 )
 
 
-def make_users(path: str, names: Sequence[str]) -> dict[str, int]:
-    """Create the database (schema and all) and the users, password "pw",
-    before any node runs: one hash for all of them keeps this quick."""
+def make_users(path: str, names: Sequence[str],
+               friends: Iterable[tuple[str, str]] = ()) -> dict[str, int]:
+    """Create the database (schema and all), the users (password "pw") and
+    their friendships before any node runs: one hash for all of them keeps
+    this quick."""
     db = open_database(path)
     try:
         hashed = hash_password("pw")
         now = int(time.time())
         db.conn.execute("BEGIN IMMEDIATE")
         uids = {name: add_user_txn(db, name, hashed, now) for name in names}
+        for one, other in friends:
+            make_friends_txn(db, uids[one], uids[other], now)
         db.conn.execute("COMMIT")
     finally:
         db.conn.close()
