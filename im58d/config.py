@@ -108,10 +108,19 @@ def _nonempty(text: str) -> str:
 
 
 def _redis_endpoint(text: str) -> str:
-    kind = text.split(":", 1)[0]
-    if kind not in ("tcp", "unix", "tls") or ":" not in text:
-        raise ValueError(f"{text!r} is not a client endpoint (tcp:HOST:PORT, unix:PATH, tls:...)")
-    return text
+    """A client endpoint with its address: tcp or tls with a host and a port
+    in 1..65535, or unix with a path (positional or ``key=value``)."""
+    kind, _, rest = text.partition(":")
+    args = [f for f in rest.split(":") if "=" not in f]
+    kw = dict(f.split("=", 1) for f in rest.split(":") if "=" in f)
+    if kind in ("tcp", "tls"):
+        host = kw.get("host") or (args[0] if args else "")
+        port = kw.get("port") or (args[1] if len(args) > 1 else "")
+        if host and port.isdigit() and 1 <= int(port) <= 65535:
+            return text
+    elif kind == "unix" and (kw.get("path") or (args[0] if args else "")):
+        return text
+    raise ValueError(f"{text!r} is not a client endpoint (tcp:HOST:PORT, unix:PATH, tls:HOST:PORT)")
 
 
 def _lines(text: str) -> tuple[str, ...]:

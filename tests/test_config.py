@@ -460,9 +460,11 @@ class OptionsTests(ConfigFileTestCase):
         self.assertEqual((config.node_ttl, config.weight), (5, 3))
 
     def test_bad_redis_endpoint_is_one_line(self) -> None:
-        """A Redis endpoint that is not a client endpoint, or misses its port,
-        stops the start with one line naming [routing] redis."""
-        for value in ("127.0.0.1:6379", "tcp:127.0.0.1", "ssl:host:1"):
+        """A Redis endpoint that is not a client endpoint, misses its host,
+        port or path, or has a port out of range, stops the start with one
+        line naming [routing] redis."""
+        for value in ("127.0.0.1:6379", "tcp:127.0.0.1", "ssl:host:1", "tcp:127.0.0.1:99999",
+                      "unix:", "tcp::6379"):
             path = self.write_config(f"[routing]\nbackend = redis\nredis = {value}\n")
             with self.assertRaises(SystemExit) as caught:
                 self.parse("--config", path)
