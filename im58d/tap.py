@@ -239,6 +239,7 @@ def join_cluster(
     router.on_lists = lambda uids: presence.lists_moved(uids, forward=False)
     router.on_gone = sessions.gone
     router.on_adopt = sessions.adopt
+    router.on_revived = presence.online
     router.on_rejoined = messenger.catch_up
 
 

@@ -245,6 +245,28 @@ class MessagesAcrossNodes(FriendsOnTwoNodes):
         self.turn()
         self.assertEqual(self.bob.received(), [P.AckA(1)])
 
+    def test_catch_up_fills_a_gap_below_a_pending_push(self) -> None:
+        """A publication was lost, and a later message from a user of the
+        receiver's own node was pushed: the catch-up pushes the missing one
+        (the client, which acks cumulatively, waits for it)."""
+        db = self.a.store._db
+        assert db is not None
+        make_friends_txn(db, self.uids["carol"], self.uids["bob"], 0)
+        carol = self.b.connect()
+        carol.login("carol")
+        self.turn()
+        self.assertEqual(self.bob.received(), [P.Presence(self.uids["carol"], True)])
+        self.registry.lose_publications = True
+        self.alice.send(P.MsgR(1, self.uids["bob"], "lost"))
+        self.turn()
+        self.registry.lose_publications = False
+        carol.send(P.MsgR(1, self.uids["bob"], "local"))
+        self.turn()
+        self.assertEqual([(m.seq, m.body) for m in self.bob.received()], [(2, "local")])
+        self.b.messenger.catch_up()
+        self.turn()
+        self.assertEqual([(m.seq, m.body) for m in self.bob.received()], [(1, "lost")])
+
     def test_catch_up_leaves_what_the_client_pulls(self) -> None:
         """Entries up to the inbox_max of RESUMED are the client's to pull:
         catching up pushes only what came after."""
@@ -380,3 +402,44 @@ class SessionsAcrossNodes(FriendsOnTwoNodes):
         self.a.reactor.advance(300)
         self.turn()
         self.assertEqual(self.alice.received(), [P.Presence(self.uids["bob"], False)])
+
+
+class AnswerLater(LocalRouter):
+    """One node whose registry answers a session's end later (Redis away)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: list[Deferred[bool]] = []
+
+    def release(self, session: Any, was_current: bool, connected: bool = False) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        self.answers.append(d)
+        return d.addCallback(lambda mine: mine and was_current)
+
+
+class LateAnswers(SynchronousTestCase):
+    def test_newer_login_meanwhile_is_not_reported_offline(self) -> None:
+        """alice's linger ran out while the registry could not answer; she
+        logged in again before it did: when the answer comes (it was her
+        session), bob sees no PRESENCE false for a user who is online."""
+        router = AnswerLater()
+        node = Harness(router=router)
+        uids = {name: add_user(node.store, name) for name in ("alice", "bob")}
+        db = node.store._db
+        assert db is not None
+        make_friends_txn(db, uids["alice"], uids["bob"], 0)
+        bob = node.connect()
+        bob.login("bob")
+        alice = node.connect()
+        alice.login("alice")
+        node.turn()
+        self.assertEqual(bob.received(), [P.Presence(uids["alice"], True)])
+        alice.drop()
+        node.reactor.advance(301)  # the linger runs out
+        self.assertEqual(len(router.answers), 1)
+        again = node.connect()
+        again.login("alice")
+        node.turn()
+        router.answers[0].callback(True)
+        node.turn()
+        self.assertEqual(bob.received(), [P.Presence(uids["alice"], True)])

@@ -102,12 +102,14 @@ class Node:
         self.lists: list[list[int]] = []
         self.gone: list[tuple[bytes, int | None, bool]] = []
         self.adopted: list[list[dict[str, Any]]] = []
+        self.revived: list[Any] = []
         self.rejoined = 0
         self.stopped = False
         router.on_packets = self.packets.append
         router.on_lists = self.lists.append
         router.on_gone = lambda sid, gen, replaced: self.gone.append((sid, gen, replaced))
         router.on_adopt = self._adopt
+        router.on_revived = self.revived.append
         router.on_rejoined = self._rejoined
 
     def _adopt(self, records: list[dict[str, Any]]) -> None:
@@ -565,7 +567,7 @@ class AdoptionTests(RedisRouterTestCase):
         self.assertEqual([r["session_id"] for r in records], [one.session_id, two.session_id])
         self.assertEqual(records[0], {
             "session_id": one.session_id, "uid": 1, "key": one.session_key,
-            "token": one.token, "device": "phone", "client": None, "started": T0, "gen": 1,
+            "token": one.token, "device": "phone", "client": None, "started": T0, "gen": 0,
         })
         self.assertEqual(await self.owner(1), b"b " + one.sid)
         self.assertEqual(await self.owner(2), b"b " + two.sid)
@@ -584,7 +586,7 @@ class AdoptionTests(RedisRouterTestCase):
         self.assertIs(await c.router.take(copy), True)
         await until(lambda: b.gone, what="node b told")
         self.assertEqual(b.gone, [(one.session_id, copy.gen, False)])
-        self.assertEqual(copy.gen, 2)
+        self.assertEqual(copy.gen, 1)
 
     async def test_stopped_node_sessions_adopted_at_once(self) -> None:
         """A node that stops cleanly leaves the registry at once: the next
@@ -834,9 +836,9 @@ class OutageTests(RedisRouterTestCase):
         await relay.listen()
         await self.rejoined(a)
         self.assertEqual(await self.owner(1), b"a " + session.sid)
-        self.assertEqual(session.gen, 2)
+        self.assertEqual(session.gen, 1)  # adoption moves no gen, the take back does
         await until(lambda: b.gone, what="node b told")
-        self.assertEqual(b.gone, [(session.session_id, 2, False)])
+        self.assertEqual(b.gone, [(session.session_id, 1, False)])
         await b.router._refresh_now()
         self.assertEqual(b.router.iplist.servers, addresses("a", "b"))
         b.router.forward([(1, 3, b"hi")])
@@ -886,6 +888,113 @@ class OutageTests(RedisRouterTestCase):
         self.assertIs(self.successResultOf(expired), False)
         self.assertEqual(await self.owner(1), b"b " + session.sid)
         self.assertEqual(await b.router.token_uid(session.token), 1)
+
+    async def test_half_open_connection_does_not_take_a_moved_session_back(self) -> None:
+        """Node a was cut off; its client resumed on node b, but a still
+        thinks the old connection is there (half-open): when a is back the
+        take on b (a newer gen) wins, a drops its copy, b keeps the session."""
+        a, relay = await self.relayed("a")
+        b = await self.node("b")
+        session = FakeSession(1)
+        await a.login(session)
+        session.connection = object()
+        await relay.cut()
+        await until(lambda: not a.router.up, what="node a cut off")
+        await self.resumed_on(b, session)
+        await relay.listen()
+        await self.rejoined(a)
+        self.assertEqual(await self.owner(1), b"b " + session.sid)
+        self.assertEqual(a.gone, [(session.session_id, None, False)])
+        await self.barrier(a)
+        await self.barrier(b)
+        self.assertEqual(b.gone, [])
+
+    async def test_bye_while_away_ends_an_adopted_copy(self) -> None:
+        """A BYE on node a while a was cut off (its friends were told at
+        once), then a's entry expired and node b adopted the session: when
+        a is back the session is removed all the same and b drops its copy
+        quietly (no second PRESENCE false, no RESUME of a session that said
+        BYE)."""
+        a, relay = await self.relayed("a")
+        b = await self.node("b")
+        session = FakeSession(1)
+        await a.login(session)
+        await relay.cut()
+        await until(lambda: not a.router.up, what="node a cut off")
+        a.router.detach(session)
+        session.ended = True
+        self.assertIs(self.successResultOf(a.router.release(session, True, connected=True)),
+                      True)
+        await self.expire("a")
+        await b.router._refresh_now()
+        self.assertEqual(len(b.adopted), 1)
+        await relay.listen()
+        await self.rejoined(a)
+        await until(lambda: b.gone, what="node b told")
+        self.assertEqual(b.gone, [(session.session_id, None, True)])
+        self.assertIsNone(await self.owner(1))
+        self.assertIsNone(await b.router.fetch(session.session_id))
+        self.assertIsNone(await b.router.token_uid(session.token))
+
+    async def test_sessions_ended_elsewhere_while_away(self) -> None:
+        """Node a was cut off longer than node_ttl + linger: node b adopted
+        its sessions and ended them (telling the friends).  When a is back,
+        a session whose client is still connected to a is recorded again
+        and its friends told it is online; a lingering one ends quietly."""
+        a, relay = await self.relayed("a")
+        b = await self.node("b")
+        here, lingering = FakeSession(1), FakeSession(2)
+        await a.login(here)
+        await a.login(lingering)
+        here.connection = object()
+        await relay.cut()
+        await until(lambda: not a.router.up, what="node a cut off")
+        await self.expire("a")
+        await b.router._refresh_now()
+        for record in b.adopted[0]:
+            copy = b.router.session_by_id(record["session_id"])
+            b.router.detach(copy)
+            self.assertIs(await b.router.release(copy, True), True)
+        await relay.listen()
+        await self.rejoined(a)
+        self.assertEqual(a.revived, [here])
+        self.assertEqual(a.gone, [(lingering.session_id, None, False)])
+        self.assertEqual(await self.owner(1), b"a " + here.sid)
+        self.assertIsNone(await self.owner(2))
+        self.assertEqual(await b.router.token_uid(here.token), 1)
+
+    async def test_gen_survives_lost_data(self) -> None:
+        """Redis restarted empty: a node records its sessions with the gen
+        they had, so that a later take elsewhere still outranks the copy."""
+        a = await self.node("a")
+        b = await self.node("b")
+        session = FakeSession(1, gen=5)
+        await a.login(session)
+        await self.server.restart()
+        await self.rejoined(a)
+        await self.rejoined(b)
+        record = await b.router.fetch(session.session_id)
+        assert record is not None
+        self.assertEqual(record["gen"], 5)
+        copy = await self.resumed_on(b, session)
+        self.assertEqual(copy.gen, 6)
+        await until(lambda: a.gone, what="node a told")
+        self.assertEqual(a.gone, [(session.session_id, 6, False)])
+
+    async def test_presence_for_other_nodes_waits_for_redis(self) -> None:
+        """PRESENCE and ACK_N frames for users on other nodes, made while
+        Redis was away, go out when it is back (MSG_Ns are not kept: the
+        other node catches them up from the store)."""
+        a, relay = await self.relayed("a")
+        b = await self.node("b")
+        await b.login(FakeSession(5))
+        await relay.cut()
+        await until(lambda: not a.router.up, what="node a cut off")
+        a.router.forward([(5, 0, b"presence"), (5, 7, b"msg_n")])
+        await relay.listen()
+        await self.rejoined(a)
+        await until(lambda: b.packets, what="frames delivered")
+        self.assertEqual(b.packets, [[[5, 0, b"presence"]]])
 
     async def test_redis_hangs(self) -> None:
         """Redis stops answering (frozen, or a network that drops packets):

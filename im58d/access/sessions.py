@@ -334,5 +334,10 @@ class SessionManager:
         d.addErrback(lambda f: log.failure("ending a session", f))
 
     def _ended(self, was_current: bool, session: Session) -> None:
+        # the answer may come after Redis is back, when a newer login of
+        # the user may be here
+        current = self.router.session_for(session.uid)
+        if current is not None and current is not session:
+            return
         if was_current and self.presence is not None:
             self.presence.offline(session)

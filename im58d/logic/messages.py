@@ -302,8 +302,9 @@ class Messenger:
             if head <= after or session.connection is None:
                 continue
             pending = {seq for seq, _, _ in session.unacked or ()}
-            if pending and max(pending) >= head:
-                continue  # pushed, waiting for the ack
+            if len(pending) >= head - after and all(
+                    seq in pending for seq in range(after + 1, head + 1)):
+                continue  # all pushed, waiting for the ack
             entries, _ = yield self.store.inbox(uid, after, RESEND_AT_ONCE)
             if session.connection is None or session.ended:
                 continue

@@ -60,6 +60,8 @@ PACKETS, LISTS, MOVED, REPLACED = range(4)
 REPLY_TIMEOUT = 5
 # seconds a RESUME nonce is remembered (twice the RESUME window)
 NONCE_TTL = 600
+# PRESENCE and ACK_N frames for other nodes kept while Redis is away
+FRAMES_AWAY = 10_000
 # fields of a session record, in the order the scripts return them
 RECORD = ("uid", "key", "token", "device", "client", "started", "gen")
 
@@ -94,28 +96,49 @@ redis.call('SMOVE', 'im58d:held:' .. onode, 'im58d:held:' .. me, sid)
 return {onode, gen}
 """
 
+# A session ended here.  Announced (the friends were told while Redis was
+# away, a BYE): removed even if another node adopted it meanwhile, and that
+# node is named, to drop its copy.  Returns {was it the user's session,
+# the node that holds it now or ''}.
 _RELEASE = """
-local me, sid, uid = ARGV[1], ARGV[2], ARGV[3]
-local mine = redis.call('HGET', 'im58d:users', uid) == me .. ' ' .. sid
+local me, sid, uid, announced = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
+local key = 'im58d:session:' .. sid
+local current = redis.call('HGET', 'im58d:users', uid)
+local mine = current == me .. ' ' .. sid
+local holder = ''
+if current and not mine and announced then
+  local onode, osid = string.match(current, '^(%S+) (%S+)$')
+  if osid == sid then
+    holder, mine = onode, true
+    redis.call('SREM', 'im58d:held:' .. onode, sid)
+  end
+end
 if mine then redis.call('HDEL', 'im58d:users', uid) end
-if redis.call('HGET', 'im58d:session:' .. sid, 'node') == me then
-  local token = redis.call('HGET', 'im58d:session:' .. sid, 'token')
+local node = redis.call('HGET', key, 'node')
+if node == me or (holder ~= '' and node == holder) then
+  local token = redis.call('HGET', key, 'token')
   if token then redis.call('DEL', 'im58d:token:' .. token) end
-  redis.call('DEL', 'im58d:session:' .. sid)
+  redis.call('DEL', key)
 end
 redis.call('SREM', 'im58d:held:' .. me, sid)
-if mine then return 1 end
-return 0
+if mine then return {1, holder} end
+return {0, holder}
 """
 
-# A session this node kept while Redis was away: recorded again, taken back
-# from a node that adopted it meanwhile if its client is connected here
-# (else it is that node's now); of two sessions of one user (two
-# logins on two nodes during the outage) the one that started later stays.
+# A session this node kept while Redis was away, recorded again.  Held by
+# another node: that node adopted it (taken back if its client is connected
+# here) or its client resumed there (a take moved gen on: it stays there).
+# Of two sessions of one user (two logins on two nodes during the outage)
+# the one that started later stays.  Known to Redis before and gone from it
+# now: the node that adopted it ended it (and told the friends).
+# ARGV: me, sid, uid, key, token, device, client, started, connected, gen,
+# known.
 _REJOIN = """
 local me, sid, uid = ARGV[1], ARGV[2], ARGV[3]
+local connected, lgen, known = ARGV[9] == '1', tonumber(ARGV[10]), ARGV[11] == '1'
+local key = 'im58d:session:' .. sid
 local current = redis.call('HGET', 'im58d:users', uid)
-local replaced = false
+local replaced, revived = false, false
 if current then
   local onode, osid = string.match(current, '^(%S+) (%S+)$')
   if osid ~= sid then
@@ -127,24 +150,27 @@ if current then
     redis.call('SREM', 'im58d:held:' .. onode, osid)
     if onode ~= me then replaced = {'displaced', onode, osid} end
   elseif onode ~= me then
-    -- not connected here: its client resumed there, or that node adopted it
-    if ARGV[9] ~= '1' then
-      return {'moved', redis.call('HGET', 'im58d:session:' .. sid, 'gen') or 0}
-    end
+    local gen = tonumber(redis.call('HGET', key, 'gen') or '0')
+    if gen > lgen or not connected then return {'moved', gen} end
     redis.call('HSET', 'im58d:users', uid, me .. ' ' .. sid)
-    redis.call('HSET', 'im58d:session:' .. sid, 'node', me)
-    local gen = redis.call('HINCRBY', 'im58d:session:' .. sid, 'gen', 1)
+    redis.call('HSET', key, 'node', me)
+    gen = redis.call('HINCRBY', key, 'gen', 1)
     redis.call('SMOVE', 'im58d:held:' .. onode, 'im58d:held:' .. me, sid)
     return {'taken', onode, gen}
   end
+elseif known and redis.call('EXISTS', key) == 0 then
+  if not connected then return {'ended'} end
+  revived = true
 end
-redis.call('HSET', 'im58d:session:' .. sid, 'uid', uid, 'key', ARGV[4], 'token', ARGV[5],
-           'device', ARGV[6], 'client', ARGV[7], 'started', ARGV[8], 'node', me)
-redis.call('HSETNX', 'im58d:session:' .. sid, 'gen', 0)
+local gen = tonumber(redis.call('HGET', key, 'gen') or '0')
+if lgen > gen then gen = lgen end
+redis.call('HSET', key, 'uid', uid, 'key', ARGV[4], 'token', ARGV[5], 'device', ARGV[6],
+           'client', ARGV[7], 'started', ARGV[8], 'node', me, 'gen', gen)
 redis.call('SET', 'im58d:token:' .. ARGV[5], sid)
 redis.call('HSET', 'im58d:users', uid, me .. ' ' .. sid)
 redis.call('SADD', 'im58d:held:' .. me, sid)
 if replaced then return replaced end
+if revived then return {'revived'} end
 return {'ok'}
 """
 
@@ -169,7 +195,6 @@ for _, id in ipairs(redis.call('SMEMBERS', 'im58d:nodes')) do
       if uid and redis.call('HGET', 'im58d:users', uid) == id .. ' ' .. sid then
         redis.call('HSET', 'im58d:users', uid, me .. ' ' .. sid)
         redis.call('HSET', 'im58d:session:' .. sid, 'node', me)
-        redis.call('HINCRBY', 'im58d:session:' .. sid, 'gen', 1)
         redis.call('SADD', 'im58d:held:' .. me, sid)
         adopted = adopted + 1
       end
@@ -276,7 +301,9 @@ class RedisRouter(LocalRouter):
     ``on_packets(items)`` pushes forwarded frames, ``on_lists(uids)`` sends
     CHANGED, ``on_gone(session_id, gen, replaced)`` drops a session another
     node took, ``on_adopt(records)`` keeps sessions of a dead node lingering
-    here, ``on_rejoined()`` catches up after an outage.
+    here, ``on_revived(session)`` tells the friends of a connected user whose
+    session another node ended during an outage that the user is online,
+    ``on_rejoined()`` catches up after an outage.
     """
 
     clustered = True
@@ -302,6 +329,7 @@ class RedisRouter(LocalRouter):
         self.on_lists: Callable[[list[int]], Any] = lambda uids: None
         self.on_gone: Callable[[bytes, int | None, bool], None] = lambda *a: None
         self.on_adopt: Callable[[list[dict[str, Any]]], None] = lambda records: None
+        self.on_revived: Callable[[Any], None] = lambda session: None
         self.on_rejoined: Callable[[], Any] = lambda: None
         self.up = False
         self.started = 0.0
@@ -318,6 +346,10 @@ class RedisRouter(LocalRouter):
         # (its registry entry lives till then); None before the first join
         self._entry_until: float | None = None
         self._epoch: bytes | None = None
+        # sessions made while Redis was away (Redis never knew them)
+        self._made_away: set[bytes] = set()
+        # PRESENCE and ACK_N frames for other nodes, sent when Redis is back
+        self._frames_away: list[tuple[int, int, bytes]] = []
         self._outage_logged = False
         self._joining: Deferred[None] | None = None
         # counters (metrics)
@@ -417,18 +449,27 @@ class RedisRouter(LocalRouter):
             if lost:
                 log.warn("Redis at {endpoint} lost its data: recording this node's "
                          "sessions again", endpoint=self.endpoint)
+            # the entry first, so that no node takes this one for dead (and
+            # adopts what it records) while it records its sessions
+            yield self._refresh(sync=False)
             while ended:
                 sid, uid, told = ended[0]
-                mine = yield self._eval(_RELEASE, self.node, sid, uid)
+                mine, holder = yield self._eval(_RELEASE, self.node, sid, uid,
+                                                "1" if told is None else "0")
                 del ended[0]
+                if holder:  # adopted meanwhile: that node drops its copy
+                    self._publish(_text(holder), [REPLACED, bytes.fromhex(sid)])
                 if told is not None:
                     told.callback(bool(mine) or lost)
-            self._epoch = epoch
             for session in list(self._by_uid.values()):
                 if not session.ended:
-                    yield self._rejoin(session)
-            yield self._refresh()
+                    known = not lost and session.session_id not in self._made_away
+                    yield self._rejoin(session, known)
+            self._epoch = epoch
+            self._made_away.clear()
             yield self._sync_held()
+            frames, self._frames_away = self._frames_away, []
+            self.forward(frames)
         except Exception as e:
             self._ended_away[:0] = ended
             self.up = False
@@ -450,14 +491,21 @@ class RedisRouter(LocalRouter):
             log.failure("catching up after joining")
 
     @inlineCallbacks
-    def _rejoin(self, session: Any) -> Any:
+    def _rejoin(self, session: Any, known: bool) -> Any:
+        """``known``: Redis knew the session before the outage (it was not
+        made meanwhile, and Redis did not lose its data)."""
         connected = "1" if session.connection is not None else "0"
-        reply = yield self._eval(_REJOIN, self.node, *_register_args(session), connected)
+        reply = yield self._eval(_REJOIN, self.node, *_register_args(session), connected,
+                                 session.gen, "1" if known else "0")
         what = _text(reply[0])
         if what == "replaced":
             self.on_gone(session.session_id, None, True)
-        elif what == "moved":  # resumed on, or adopted by, another node
-            self.on_gone(session.session_id, int(reply[1]), False)
+        elif what in ("moved", "ended"):
+            # resumed on, or adopted by, another node; or ended there (its
+            # friends were told): not this node's any more
+            self.on_gone(session.session_id, None, False)
+        elif what == "revived":  # ended elsewhere, its client is here: online
+            self.on_revived(session)
         elif what == "taken":
             session.gen = int(reply[2])
             self._publish(_text(reply[1]), [MOVED, session.session_id, session.gen])
@@ -531,7 +579,9 @@ class RedisRouter(LocalRouter):
             self._check_up()
 
     @inlineCallbacks
-    def _refresh(self) -> Any:
+    def _refresh(self, sync: bool = True) -> Any:
+        """The entry, the IP list, adoption; ``sync``: keep what was adopted
+        (off while joining: the join does it once its sessions are recorded)."""
         servers = sorted(self.servers(), key=_order)
         entry = json.dumps({
             "id": self.node,
@@ -556,7 +606,8 @@ class RedisRouter(LocalRouter):
         if adopted:
             log.info("node {node} adopted {n} sessions of nodes that stopped",
                      node=self.node, n=adopted)
-            yield self._sync_held()
+            if sync:
+                yield self._sync_held()
         return bool(int(known))
 
     @inlineCallbacks
@@ -578,9 +629,15 @@ class RedisRouter(LocalRouter):
 
     def register(self, session: Any) -> Deferred[bool]:
         if not self.up:
+            self._made_away.add(session.session_id)
             return succeed(False)  # recorded when Redis is back
         d = self._eval(_REGISTER, self.node, *_register_args(session))
-        return d.addCallbacks(self._registered, self._away, errbackArgs=(False,))
+        return d.addCallbacks(self._registered, self._register_failed,
+                              errbackArgs=(session,))
+
+    def _register_failed(self, failure: Failure, session: Any) -> bool:
+        self._made_away.add(session.session_id)
+        return bool(self._away(failure, False))
 
     def _registered(self, old: bytes | None) -> bool:
         if old is None:
@@ -626,8 +683,8 @@ class RedisRouter(LocalRouter):
         sid = session.session_id.hex()
         if not self.up:
             return self._release_later(sid, session.uid, was_current, connected)
-        d = self._eval(_RELEASE, self.node, sid, session.uid)
-        return d.addCallbacks(lambda mine: bool(mine) and was_current, self._release_failed,
+        d = self._eval(_RELEASE, self.node, sid, session.uid, "0")
+        return d.addCallbacks(lambda reply: bool(reply[0]) and was_current, self._release_failed,
                               errbackArgs=(sid, session.uid, was_current, connected))
 
     def _release_failed(self, failure: Failure, sid: str, uid: int, was_current: bool,
@@ -658,7 +715,13 @@ class RedisRouter(LocalRouter):
                               errbackArgs=(None,))
 
     def forward(self, packets: list[tuple[int, int, bytes]]) -> None:
-        if not self.up or not packets:
+        if not packets:
+            return
+        if not self.up:
+            # MSG_Ns are caught up from the store; PRESENCE and ACK_N wait
+            room = FRAMES_AWAY - len(self._frames_away)
+            if room > 0:
+                self._frames_away.extend([p for p in packets if not p[1]][:room])
             return
         uids = list({uid for uid, _, _ in packets})
         d = self._call("HMGET", f"{PREFIX}users", *uids)
