@@ -193,6 +193,11 @@ class RedisRouterTestCase(TestCase):
         self.addCleanup(relay.cut)
         return await self.node(name, endpoint=relay.endpoint), relay
 
+    async def cut_off(self, node: Node, relay: Relay) -> None:
+        """``node`` loses Redis (the others keep it) and knows it."""
+        await relay.cut()
+        await until(lambda: not node.router.up, what=f"node {node.router.node} cut off")
+
     async def rejoined(self, node: Node, times: int = 2) -> None:
         await until(lambda: node.joined and node.rejoined >= times, REJOIN,
                     f"node {node.router.node} rejoining")
@@ -362,11 +367,8 @@ class SessionTests(RedisRouterTestCase):
         b = await self.node("b")
         session = FakeSession(11)
         await a.login(session)
-        record = await b.router.fetch(session.session_id)
-        assert record is not None
-        copy = FakeSession.from_record(session.session_id, record)
-        self.assertIs(await b.router.take(copy), True)
-        self.assertGreater(copy.gen, record["gen"])
+        copy = await self.resumed_on(b, session)
+        self.assertGreater(copy.gen, session.gen)
         await until(lambda: a.gone, what="node a told")
         self.assertEqual(a.gone, [(session.session_id, copy.gen, False)])
         self.assertEqual(await self.owner(11), b"b " + session.sid)
@@ -783,8 +785,7 @@ class OutageTests(RedisRouterTestCase):
         b = await self.node("b")
         old = FakeSession(1, started=T0)
         await a.login(old)
-        await relay.cut()
-        await until(lambda: not a.router.up, what="node a cut off")
+        await self.cut_off(a, relay)
         new = FakeSession(1, started=T0 + 10)
         self.assertIs(await b.login(new), True)
         await relay.listen()
@@ -803,8 +804,7 @@ class OutageTests(RedisRouterTestCase):
         b = await self.node("b")
         old = FakeSession(1, started=T0)
         await b.login(old)
-        await relay.cut()
-        await until(lambda: not a.router.up, what="node a cut off")
+        await self.cut_off(a, relay)
         new = FakeSession(1, started=T0 + 10)
         self.assertIs(self.successResultOf(a.router.register(new)), False)
         a.router.attach(new)
@@ -826,8 +826,7 @@ class OutageTests(RedisRouterTestCase):
         session = FakeSession(1)
         await a.login(session)
         session.connection = object()  # the client stays connected to node a
-        await relay.cut()
-        await until(lambda: not a.router.up, what="node a cut off")
+        await self.cut_off(a, relay)
         await self.expire("a")
         await b.router._refresh_now()
         self.assertEqual([[r["session_id"] for r in rs] for rs in b.adopted],
@@ -854,8 +853,7 @@ class OutageTests(RedisRouterTestCase):
         b = await self.node("b")
         session = FakeSession(1)
         await a.login(session)
-        await relay.cut()
-        await until(lambda: not a.router.up, what="node a cut off")
+        await self.cut_off(a, relay)
         await self.resumed_on(b, session)
         await relay.listen()
         await self.rejoined(a)
@@ -876,8 +874,7 @@ class OutageTests(RedisRouterTestCase):
         b = await self.node("b")
         session = FakeSession(1)
         await a.login(session)
-        await relay.cut()
-        await until(lambda: not a.router.up, what="node a cut off")
+        await self.cut_off(a, relay)
         await self.resumed_on(b, session)
         a.router.detach(session)
         session.ended = True
@@ -898,8 +895,7 @@ class OutageTests(RedisRouterTestCase):
         session = FakeSession(1)
         await a.login(session)
         session.connection = object()
-        await relay.cut()
-        await until(lambda: not a.router.up, what="node a cut off")
+        await self.cut_off(a, relay)
         await self.resumed_on(b, session)
         await relay.listen()
         await self.rejoined(a)
@@ -919,8 +915,7 @@ class OutageTests(RedisRouterTestCase):
         b = await self.node("b")
         session = FakeSession(1)
         await a.login(session)
-        await relay.cut()
-        await until(lambda: not a.router.up, what="node a cut off")
+        await self.cut_off(a, relay)
         a.router.detach(session)
         session.ended = True
         self.assertIs(self.successResultOf(a.router.release(session, True, connected=True)),
@@ -947,8 +942,7 @@ class OutageTests(RedisRouterTestCase):
         await a.login(here)
         await a.login(lingering)
         here.connection = object()
-        await relay.cut()
-        await until(lambda: not a.router.up, what="node a cut off")
+        await self.cut_off(a, relay)
         await self.expire("a")
         await b.router._refresh_now()
         for record in b.adopted[0]:
@@ -988,8 +982,7 @@ class OutageTests(RedisRouterTestCase):
         a, relay = await self.relayed("a")
         b = await self.node("b")
         await b.login(FakeSession(5))
-        await relay.cut()
-        await until(lambda: not a.router.up, what="node a cut off")
+        await self.cut_off(a, relay)
         a.router.forward([(5, 0, b"presence"), (5, 7, b"msg_n")])
         await relay.listen()
         await self.rejoined(a)
