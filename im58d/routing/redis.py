@@ -452,6 +452,9 @@ class RedisRouter(LocalRouter):
             # the entry first, so that no node takes this one for dead (and
             # adopts what it records) while it records its sessions
             yield self._refresh(sync=False)
+            # before anything newer of the same users goes out
+            frames, self._frames_away = self._frames_away, []
+            self.forward(frames)
             while ended:
                 sid, uid, told = ended[0]
                 mine, holder = yield self._eval(_RELEASE, self.node, sid, uid,
@@ -468,8 +471,6 @@ class RedisRouter(LocalRouter):
             self._epoch = epoch
             self._made_away.clear()
             yield self._sync_held()
-            frames, self._frames_away = self._frames_away, []
-            self.forward(frames)
         except Exception as e:
             self._ended_away[:0] = ended
             self.up = False
