@@ -11,6 +11,7 @@ setup(
     packages=[
         "im58d",
         "im58d.access",
+        "im58d.bench",
         "im58d.client",
         "im58d.logic",
         "im58d.routing",

@@ -35,6 +35,8 @@ class Config:
     linger: int = 300
     heartbeat: int = 240
     login_timeout: int = 60
+    max_devices: int = 5
+    expire_days: int = 90
     # [login]
     user_attempts: int = 5
     address_attempts: int = 20
@@ -150,6 +152,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[str], Any]]]] = {
         "linger": ("linger", _int(0, 7 * 86400)),
         "heartbeat": ("heartbeat", _int(10, 3600)),
         "login_timeout": ("login_timeout", _int(5, 3600)),
+        "max_devices": ("max_devices", _int(1, 100)),
+        "expire_days": ("expire_days", _int(1, 36500)),
     },
     "login": {
         "user_attempts": ("user_attempts", _int(1, 1000)),

@@ -135,9 +135,10 @@ class Metrics:
         self.samples.append((now, messenger.received, messenger.pushed))
 
     def sessions(self) -> tuple[int, int]:
-        """Sessions with a live connection, and sessions lingering without one."""
+        """Devices online here with a live connection, and devices lingering
+        without one."""
         total = len(self.router)
-        online = sum(1 for s in self.router.sessions() if s.connection is not None)
+        online = sum(1 for d in self.router.devices() if d.connection is not None)
         return online, total - online
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
@@ -245,7 +246,8 @@ class DaemonCollector:
         online, lingering = m.sessions()
         sessions = GaugeMetricFamily(
             "im58d_sessions",
-            "Sessions: online (with a connection) or lingering (without one).",
+            "Devices online here: with a connection (online), or lingering "
+            "without one after it dropped.",
             labels=["state"],
         )
         sessions.add_metric(["online"], online)

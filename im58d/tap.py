@@ -16,13 +16,14 @@ from twisted.python import usage
 
 from . import __version__
 from .access.protocol import AccessFactory
-from .access.sessions import SessionManager
 from .config import Config, ConfigError, check, load_config
 from .endpoints import inherited_socket, plaintext_exposed, server_endpoint
 from .logging import use_for_twistd
+from .logic import packets
 from .logic.auth import Authenticator, LoginThrottle, ThreadedVerifier
 from .logic.messages import Messenger
 from .logic.presence import Presence
+from .logic.sessions import SessionManager
 from .metrics import SAMPLE_INTERVAL, Metrics
 from .routing.iplist import AccessServer, IPList, server_from_endpoint
 from .routing.local import LocalRouter
@@ -36,6 +37,8 @@ from .wire import packets as P
 log = Logger()
 
 HOUSEKEEPING_INTERVAL = 10.0
+# seconds between looks for sessions to end (unused too long, disabled)
+EXPIRY_INTERVAL = 3600.0
 RESEND_INTERVAL = 1.0
 SHUTDOWN_GRACE = 5.0
 
@@ -238,9 +241,11 @@ def join_cluster(
     router.on_packets = messenger.forwarded
     router.on_lists = lambda uids: presence.lists_moved(uids, forward=False)
     router.on_gone = sessions.gone
+    router.on_ended = sessions.end_here
     router.on_adopt = sessions.adopt
-    router.on_revived = presence.online
+    router.on_revived = lambda user: presence.online(user, elsewhere_only=True)
     router.on_rejoined = messenger.catch_up
+    router.on_fresh = sessions.restore
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -262,7 +267,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     router: LocalRouter
     if config.routing_backend == "redis":
         router = RedisRouter(
-            config.redis, reactor, iplist, lambda: _own_servers(config, access), config.node_ttl
+            config.redis, reactor, iplist, lambda: _own_servers(config, access), packets.CODE,
+            config.node_ttl,
         )
     else:
         router = LocalRouter()
@@ -272,12 +278,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         store,
         Authenticator(store, throttle, verifier),
         reactor,
+        presence,
         heartbeat=config.heartbeat,
         linger=config.linger,
+        max_devices=config.max_devices,
+        expire_days=config.expire_days,
         iplist_version=lambda: iplist.version,
-        presence=presence,
     )
-    factory = AccessFactory(sessions, reactor, config.max_frame, config.login_timeout)
     messenger = Messenger(
         store,
         router,
@@ -287,11 +294,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         config.retransmit,
         gather=config.batch_window / 1000,
     )
-    factory.handlers[P.MsgR] = messenger.on_msg_r
-    factory.handlers[P.AckR] = messenger.on_ack_r
+    factory = AccessFactory(sessions, messenger, reactor, config.max_frame, config.login_timeout)
     metrics = Metrics(reactor, factory, router, messenger, store)
     site = make_site(
-        iplist, sessions, store, config.max_members, config.admin_token, metrics=metrics
+        iplist, sessions, store, reactor, config.max_members, config.admin_token,
+        metrics=metrics,
     )
     access = _listeners(reactor, config, "access", factory)
     listeners = _listeners(reactor, config, "http", site) + access
@@ -315,6 +322,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     timer = TimerService(HOUSEKEEPING_INTERVAL, housekeeping)
     timer.clock = reactor
+    expiry = TimerService(EXPIRY_INTERVAL, lambda: sessions.expire().addErrback(
+        lambda f: log.failure("ending stale sessions", f)))
+    expiry.clock = reactor
     resend = TimerService(RESEND_INTERVAL, messenger.resend_late)
     resend.clock = reactor
     sampler = TimerService(SAMPLE_INTERVAL, metrics.sample)
@@ -327,6 +337,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         routing.append(CallbackService(
             "routing", reactor, lambda: redis_router.start(reactor), redis_router.stop
         ))
+    else:
+        # one node: the devices that were online when it stopped linger again
+        routing.append(CallbackService("sessions", reactor, sessions.restore, lambda: None))
 
     # Started in this order, stopped in reverse: listeners first, the store last.
     for service in [
@@ -334,6 +347,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         CallbackService("auth", reactor, verifier.start, verifier.stop),
         *routing,
         timer,
+        expiry,
         resend,
         sampler,
         _access_service(factory, messenger, reactor),

@@ -11,11 +11,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from im58d.access.protocol import AccessFactory, AccessProtocol
-from im58d.access.sessions import SessionManager
 from im58d.logic.auth import Authenticator, LoginThrottle
 from im58d.logic.messages import Messenger
 from im58d.logic.passwords import hash_password, verify_password
 from im58d.logic.presence import Presence
+from im58d.logic.sessions import SessionManager
+from im58d.proof import resume_mac
 from im58d.routing.iplist import AccessServer, IPList
 from im58d.routing.local import LocalRouter
 from im58d.store.accounts import add_user_txn
@@ -28,6 +29,20 @@ from im58d.wire import packets as P
 CHEAP_N = 16
 # the clock's start: a realistic Unix time, as ts fields would carry it
 NOW = 1_800_000_000
+# the device id of a test's connections, unless it names another
+DEVICE = b"test-device-0001"
+
+
+def device_id(n: int) -> bytes:
+    """The 16-byte id of a test's n-th device (``device_id(1)`` is not DEVICE)."""
+    return f"device-{n:09d}".encode("ascii")
+
+
+def resume_for(welcome: Any, ts: int = NOW, nonce: bytes = b"n0nce-01") -> P.Resume:
+    """A RESUME for the session of ``welcome`` (a WELCOME, or anything with
+    its session_id and session_key), with the proof of PROTOCOL.md 1.3."""
+    mac = resume_mac(welcome.session_key, welcome.session_id, ts, nonce)
+    return P.Resume(welcome.session_id, ts, nonce, mac)
 
 
 class ImmediateThread:
@@ -48,6 +63,17 @@ class ImmediateThread:
 
 def immediate_verify(password: str, encoded: str) -> Deferred[bool]:
     return succeed(verify_password(password, encoded))
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    """The result a Deferred has already (its failure raised); an
+    AssertionError when it has none yet."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, f"{d!r} has no result yet"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
 
 
 def memory_store(reactor: MemoryReactorClock, path: str = ":memory:") -> SQLiteStore:
@@ -86,10 +112,12 @@ class Harness:
             self.store,
             self.auth,
             self.reactor,
+            self.presence,
             heartbeat=settings.pop("heartbeat", 240),
             linger=settings.pop("linger", 300),
+            max_devices=settings.pop("max_devices", 5),
+            expire_days=settings.pop("expire_days", 90),
             iplist_version=lambda: 7,
-            presence=self.presence,
         )
         self.messenger = Messenger(
             self.store,
@@ -100,12 +128,50 @@ class Harness:
             retransmit=settings.pop("retransmit", 10),
             gather=settings.pop("gather", 0.0),
         )
-        self.factory = AccessFactory(self.sessions, self.reactor, **settings)
-        self.factory.handlers[P.MsgR] = self.messenger.on_msg_r
-        self.factory.handlers[P.AckR] = self.messenger.on_ack_r
+        self.factory = AccessFactory(self.sessions, self.messenger, self.reactor, **settings)
         self.iplist = IPList([AccessServer("127.0.0.1", 5858)])
-        self.site = make_site(self.iplist, self.sessions, self.store)
+        self.site = make_site(self.iplist, self.sessions, self.store, self.reactor)
         self.treq: Any = StubTreq(self.site.resource)
+
+    @property
+    def db(self) -> Any:
+        """The store's database (a ``sqlite_utils.Database``), to look or
+        change things behind the daemon's back, as im58d-admin does."""
+        db = self.store._db
+        assert db is not None
+        return db
+
+    def device_of(self, uid: int, device: bytes = DEVICE) -> Any:
+        """The ``Device`` online here of the user's device with that id, or None."""
+        user = self.router.user(uid)
+        if user is None:
+            return None
+        for held in user.devices.values():
+            if held.device_id == device:
+                return held
+        return None
+
+    def stop(self) -> None:
+        """What the daemon does when it stops: pending commits finish,
+        KICKED 3 to every connection, and the store closes.  The sessions
+        stay in the database, their devices online there."""
+        self.messenger.drain()
+        self.turn()
+        self.factory.kick_all(P.KICKED_SHUTDOWN)
+        self.turn()
+        result_of(self.store.stop())
+
+    def restarted(self, stop: bool = True, **settings: Any) -> Harness:
+        """Stop this daemon (``stop``; without ``stop`` it dies: nothing more
+        happens in it) and start another on the same database file, its
+        clock at this one's time.  The new one has not restored the
+        sessions yet: ``sessions.restore()`` is what its start does."""
+        assert self.store.path != ":memory:", "a restart needs Harness(path=FILE)"
+        if stop:
+            self.stop()
+        reactor = MemoryReactorClock()
+        reactor.advance(self.reactor.seconds())
+        return Harness(reactor=reactor, path=self.store.path, **settings)
 
     def connect(self, host: str = "10.0.0.1") -> Client:
         protocol = self.factory.buildProtocol(None)
@@ -175,11 +241,21 @@ class Client:
         self.transport.clear()
         return list(self.decoder.feed(data))
 
-    def login(self, user: str, password: str = "pw") -> P.Welcome:
-        self.send(P.Login(user, password, "test-device"))
+    def login(self, user: str, password: str = "pw", device: bytes = DEVICE) -> P.Welcome:
+        """LOGIN: the WELCOME (and the ONLINE that follows it)."""
+        self.send(P.Login(user, password, device, "test device"))
         packets = self.received()
-        assert len(packets) == 1 and isinstance(packets[0], P.Welcome), packets
+        assert len(packets) == 2 and isinstance(packets[0], P.Welcome), packets
+        assert isinstance(packets[1], P.Online), packets
         return packets[0]
+
+    def resume(self, welcome: Any, ts: int | None = None, nonce: bytes = b"n0nce-01") -> list[Any]:
+        """RESUME the session of ``welcome`` (at the clock's time unless
+        ``ts`` is given): the packets received in answer."""
+        if ts is None:
+            ts = int(self.harness.reactor.seconds())
+        self.send(resume_for(welcome, ts, nonce))
+        return self.received()
 
     @property
     def closed(self) -> bool:

@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -378,8 +379,30 @@ class ConfigAndDatabaseTests(AdminTestCase):
         conn = sqlite3.connect(self.database)
         conn.execute("PRAGMA user_version = 999")
         conn.close()
+        os.chmod(self.database, 0o600)
         self.assertIn("999", self.fails("user", "list"))
         self.assertEqual(self.query("PRAGMA user_version"), [(999,)])
+
+    def test_new_database_is_private(self) -> None:
+        """The database file im58d-admin creates can be read and written by
+        its owner only (it holds session keys)."""
+        self.add_users("alice")
+        self.assertEqual(stat.S_IMODE(os.stat(self.database).st_mode), 0o600)
+
+    def test_readable_database_refused(self) -> None:
+        """A database file that group or others may read or write is refused
+        with one line naming the file and the remedy, and left as it is."""
+        self.add_users("alice")
+        before = self.dump()
+        for mode in (0o644, 0o660, 0o602):
+            os.chmod(self.database, mode)
+            line = self.fails("user", "add", "bob", "--password", "pw")
+            self.assertIn(self.database, line)
+            self.assertIn(f"chmod 600 {self.database}", line)
+            self.assertEqual(stat.S_IMODE(os.stat(self.database).st_mode), mode)
+        os.chmod(self.database, 0o600)
+        self.assertEqual(self.dump(), before)
+        self.add_users("bob")
 
 
 def installed_script() -> str | None:

@@ -32,6 +32,7 @@ from im58d.wire import packets as P
 from .e2e import Daemon, connect, free_port
 from .e2e import admin as run_admin
 from .support import NOW, ImmediateThread
+from .test_messages import b64, named_device
 from .test_metrics import MetricsTestCase
 
 TOKEN = "admin-secret"
@@ -90,7 +91,8 @@ class PageTests(AdminTestCase):
 
     def test_off_without_admin_token(self) -> None:
         """Without an admin token configured the page is off, like the API."""
-        site = make_site(self.h.iplist, self.h.sessions, self.h.store, metrics=self.metrics)
+        site = make_site(self.h.iplist, self.h.sessions, self.h.store, self.h.reactor,
+                         metrics=self.metrics)
         self.treq = StubTreq(site.resource)
         code, _, body = self.get("/admin")
         self.assertEqual(code, 403)
@@ -140,6 +142,20 @@ class APITests(AdminTestCase):
         self.assertEqual(summary["commits"]["count"], self.h.store.batches)
         self.assertEqual(summary["commits"]["latency_ms"]["p99"], 0)  # the clock stood still
         self.assertEqual(summary["report_batches"], 0)
+
+    def test_summary_counts_devices(self) -> None:
+        """Sessions online and lingering are devices: a second device of a
+        user online counts, and so does a third one lingering."""
+        tablet = self.h.connect()
+        tablet.login("alice", device=named_device("alice-tablet"))
+        laptop = self.h.connect()
+        laptop.login("alice", device=named_device("alice-laptop"))
+        laptop.drop()
+        code, _, body = self.get("/admin/api/summary", self.auth())
+        self.assertEqual(code, 200, body)
+        summary = json.loads(body)
+        self.assertEqual(summary["sessions"], {"online": 3, "lingering": 1})
+        self.assertEqual(summary["connections"], 3)
 
     def test_keys(self) -> None:
         """The top report keys over the last D days, each with its count and
@@ -359,7 +375,8 @@ class BrowserTests(TestCase):
         tokens = {}
         for name in ("alice", "bob"):
             code, body = yield self.post(
-                daemon, "/v1/login", {"user": name, "password": "pw", "device": "web"}
+                daemon, "/v1/login",
+                {"user": name, "password": "pw", "device_id": b64(named_device(f"{name}-web"))},
             )
             self.assertEqual(code, 200, body)
             tokens[name] = body["token"]
@@ -377,12 +394,14 @@ class BrowserTests(TestCase):
         # one message and its receipt between two connected users
         a = yield connect(daemon.access_port)
         self.addCleanup(a.transport.loseConnection)
-        a.send(P.Login("alice", "pw", "e2e"))
+        a.send(P.Login("alice", "pw", named_device("alice-e2e")))
         self.assertIsInstance((yield a.next()), P.Welcome)
+        self.assertEqual((yield a.next()), P.Online(()))
         b = yield connect(daemon.access_port)
         self.addCleanup(b.transport.loseConnection)
-        b.send(P.Login("bob", "pw", "e2e"))
+        b.send(P.Login("bob", "pw", named_device("bob-e2e")))
         self.assertIsInstance((yield b.next()), P.Welcome)
+        self.assertEqual((yield b.next()), P.Online(()))
         a.send(P.MsgR(1, bob, "hi"))
         self.assertIsInstance((yield a.next()), P.MsgA)
         msg_n = yield b.next()

@@ -1,5 +1,5 @@
-"""The logic layer across nodes: sessions, messages and presence when a
-user's session is on another node.
+"""The logic layer across nodes: devices, messages and presence when a
+user's devices are on several nodes.
 
 Two nodes (two Harnesses) share one in-memory store and one clock; their
 routers share ``Registry``, an in-memory stand-in for Redis with the
@@ -15,23 +15,26 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
+from im58d.logic import packets as L
+from im58d.proof import resume_mac
 from im58d.routing.local import LocalRouter
 from im58d.store.accounts import make_friends_txn
 from im58d.tap import join_cluster
 from im58d.wire import packets as P
 
-from .support import Harness, add_user
-from .test_sessions import resume_for
+from .support import Client, Harness, add_user
+
+PHONE = b"phone-of-the-use"
+LAPTOP = b"laptop-of-the-us"
 
 
 class Registry:
-    """What Redis holds for the nodes: uid -> (node, sid), the records."""
+    """What Redis holds for the nodes: uid -> {sid: node}, session copies."""
 
     def __init__(self, clock: Any) -> None:
         self.clock = clock
-        self.users: dict[int, tuple[str, bytes]] = {}
-        self.records: dict[bytes, dict[str, Any]] = {}
-        self.nonces: set[tuple[bytes, bytes]] = set()
+        self.users: dict[int, dict[bytes, str]] = {}
+        self.gens: dict[bytes, int] = {}
         self.routers: dict[str, ClusterRouter] = {}
         self.lose_publications = False
         # publications held back (a slow Redis): delivered by deliver_held()
@@ -51,6 +54,12 @@ class Registry:
         for node, handler, args in held:
             self.publish(node, handler, *args)
 
+    def node_of(self, sid: bytes) -> str | None:
+        for devices in self.users.values():
+            if sid in devices:
+                return devices[sid]
+        return None
+
 
 class ClusterRouter(LocalRouter):
     clustered = True
@@ -61,74 +70,59 @@ class ClusterRouter(LocalRouter):
         self.node = node
         registry.routers[node] = self
 
-    def register(self, session: Any) -> Deferred[bool]:
-        reg = self.registry
-        old = reg.users.get(session.uid)
-        if old is not None:
-            reg.records.pop(old[1], None)
-            if old[0] != self.node:
-                reg.publish(old[0], "on_gone", old[1], None, True)
-        reg.records[session.session_id] = {
-            "uid": session.uid, "key": session.session_key, "token": session.token,
-            "device": session.device, "client": session.client,
-            "started": session.started, "gen": 0, "node": self.node,
-        }
-        reg.users[session.uid] = (self.node, session.session_id)
-        return succeed(old is not None)
+    def register(self, device: Any, first: bool) -> Deferred[tuple[bool, bool]]:
+        devices = self.registry.users.setdefault(device.uid, {})
+        came_from = devices.get(device.session_id)
+        gen = max(self.registry.gens.get(device.session_id, 0), device.gen)
+        if came_from is not None and came_from != self.node:
+            gen += 1
+            self.registry.publish(came_from, "on_gone", device.session_id, gen)
+        self.registry.gens[device.session_id] = device.gen = gen
+        first = not devices and came_from is None
+        devices[device.session_id] = self.node
+        return succeed((first, came_from is None))
 
-    def fetch(self, session_id: bytes) -> Deferred[dict[str, Any] | None]:
-        record = self.registry.records.get(session_id)
-        return succeed(None if record is None else dict(record))
+    def release(self, device: Any, last: bool, connected: bool) -> Deferred[tuple[bool, bool]]:
+        devices = self.registry.users.get(device.uid, {})
+        if devices.get(device.session_id) != self.node:
+            return succeed((False, False))
+        del devices[device.session_id]
+        if devices:
+            return succeed((True, False))
+        del self.registry.users[device.uid]
+        return succeed((True, True))
 
-    def take(self, session: Any) -> Deferred[bool]:
-        reg = self.registry
-        current = reg.users.get(session.uid)
-        if current is None or current[1] != session.session_id:
-            return succeed(False)
-        record = reg.records[session.session_id]
-        record["node"] = self.node
-        record["gen"] += 1
-        session.gen = record["gen"]
-        reg.users[session.uid] = (self.node, session.session_id)
-        if current[0] != self.node:
-            reg.publish(current[0], "on_gone", session.session_id, session.gen, False)
-        return succeed(True)
+    def online_among(self, uids: list[int]) -> Deferred[list[int]]:
+        return succeed([uid for uid in uids if self.registry.users.get(uid)])
 
-    def use_nonce(self, session_id: bytes, nonce: bytes) -> Deferred[bool]:
-        fresh = (session_id, nonce) not in self.registry.nonces
-        self.registry.nonces.add((session_id, nonce))
-        return succeed(fresh)
-
-    def release(self, session: Any, was_current: bool, connected: bool = False) -> Deferred[bool]:
-        reg = self.registry
-        mine = reg.users.get(session.uid) == (self.node, session.session_id)
-        if mine:
-            del reg.users[session.uid]
-        record = reg.records.get(session.session_id)
-        if record is not None and record["node"] == self.node:
-            del reg.records[session.session_id]
-        return succeed(mine and was_current)
-
-    def token_uid(self, token: str) -> Deferred[int | None]:
-        for record in self.registry.records.values():
-            if record["token"] == token:
-                return succeed(record["uid"])
-        return succeed(None)
-
-    def forward(self, packets: list[tuple[int, int, bytes]]) -> None:
-        self._route("on_packets", packets, lambda item: item[0])
+    def forward(self, items: list[tuple[int, int, Any, bytes | None]]) -> None:
+        by_node: dict[str, list[Any]] = {}
+        for uid, seq, packet, skip in items:
+            for node in set(self.registry.users.get(uid, {}).values()) - {self.node}:
+                by_node.setdefault(node, []).append(
+                    [uid, seq, L.CODE[type(packet)], list(packet), skip])
+        for node, some in by_node.items():
+            self.registry.publish(node, "on_packets", some)
 
     def forward_lists(self, uids: list[int]) -> None:
-        self._route("on_lists", uids, lambda uid: uid)
-
-    def _route(self, handler: str, items: list[Any], uid_of: Any) -> None:
-        by_node: dict[str, list[Any]] = {}
-        for item in items:
-            where = self.registry.users.get(uid_of(item))
-            if where is not None and where[0] != self.node:
-                by_node.setdefault(where[0], []).append(item)
+        by_node: dict[str, list[int]] = {}
+        for uid in uids:
+            for node in set(self.registry.users.get(uid, {}).values()) - {self.node}:
+                by_node.setdefault(node, []).append(uid)
         for node, some in by_node.items():
-            self.registry.publish(node, handler, some)
+            self.registry.publish(node, "on_lists", some)
+
+    def end_elsewhere(self, session_ids: list[bytes], reason: int) -> None:
+        for sid in session_ids:
+            node = self.registry.node_of(sid)
+            if node is not None and node != self.node:
+                self.registry.publish(node, "on_ended", sid, reason)
+
+
+def resume(welcome: P.Welcome, ts: int, nonce: int) -> P.Resume:
+    n = nonce.to_bytes(8, "big")
+    return P.Resume(welcome.session_id, ts, n,
+                    resume_mac(welcome.session_key, welcome.session_id, ts, n))
 
 
 class TwoNodes(SynchronousTestCase):
@@ -153,14 +147,17 @@ class TwoNodes(SynchronousTestCase):
     def turn(self) -> None:
         self.a.turn()
 
+    def now(self) -> int:
+        return int(self.a.reactor.seconds())
+
 
 class FriendsOnTwoNodes(TwoNodes):
-    """alice logged in on node a, her friend bob on node b."""
+    """alice signed in on node a, her friend bob on node b."""
 
     def setUp(self) -> None:
         super().setUp()
         self.alice = self.a.connect()
-        self.alice.login("alice")
+        self.alice_welcome = self.alice.login("alice")
         self.bob = self.b.connect()
         self.bob_welcome = self.bob.login("bob")
         self.turn()
@@ -169,18 +166,60 @@ class FriendsOnTwoNodes(TwoNodes):
 
 class MessagesAcrossNodes(FriendsOnTwoNodes):
     def test_six_packets_across_nodes(self) -> None:
-        """alice on node a, bob on node b: MSG_A to alice, MSG_N to bob from
-        node b, ACK_A to bob, ACK_N back to alice on node a."""
+        """alice on node a, bob on node b: MSG_A to alice with her seq,
+        MSG_N to bob from node b, ACK_A to bob, ACK_N [alice's seq] back to
+        alice on node a."""
         self.alice.send(P.MsgR(1, self.uids["bob"], "hi"))
         self.turn()
         [msg_a] = self.alice.received()
-        self.assertIsInstance(msg_a, P.MsgA)
+        self.assertEqual((msg_a.cmid, msg_a.seq), (1, 1))
         [msg_n] = self.bob.received()
         self.assertEqual((msg_n.seq, msg_n.sender, msg_n.body), (1, self.uids["alice"], "hi"))
         self.bob.send(P.AckR(1))
         self.turn()
         self.assertEqual(self.bob.received(), [P.AckA(1)])
-        self.assertEqual(self.alice.received(), [P.AckN(1, msg_a.msg_id)])
+        self.assertEqual(self.alice.received(), [P.AckN(msg_a.seq)])
+
+    def test_two_devices_on_two_nodes_both_get_every_message(self) -> None:
+        """bob's second device is on node a, his first on node b: both get
+        every message to bob (each once), and when one of them sends, the
+        other gets the copy with ``to`` on its own node."""
+        laptop = self.a.connect()
+        laptop.login("bob", device=LAPTOP)
+        self.turn()
+        self.assertEqual(self.alice.received(), [])  # bob was online already
+        self.assertEqual([p.what for p in self.bob.received()], ["devices"])
+        for cmid in (1, 2, 3):
+            self.alice.send(P.MsgR(cmid, self.uids["bob"], f"m{cmid}"))
+        self.turn()
+        for device in (self.bob, laptop):
+            self.assertEqual([(p.seq, p.body) for p in device.received()],
+                             [(1, "m1"), (2, "m2"), (3, "m3")])
+        laptop.send(P.MsgR(1, self.uids["alice"], "from the laptop"))
+        self.turn()
+        [msg_a] = laptop.received()
+        self.assertEqual(msg_a.seq, 4)
+        self.assertEqual(self.bob.received(), [
+            P.MsgN(4, msg_a.msg_id, self.uids["bob"], "from the laptop", self.now(), None,
+                   self.uids["alice"])])
+        self.assertEqual([p.body for p in self.alice.received() if isinstance(p, P.MsgN)],
+                         ["from the laptop"])
+
+    def test_ack_n_reaches_the_senders_devices_on_every_node(self) -> None:
+        """alice has a second device on node b: when bob acks, ACK_N reaches
+        both of her devices, on both nodes."""
+        second = self.b.connect()
+        second.login("alice", device=LAPTOP)
+        self.turn()
+        self.assertEqual([p.what for p in self.alice.received()], ["devices"])
+        self.alice.send(P.MsgR(1, self.uids["bob"], "hi"))
+        self.turn()
+        [msg_a] = self.alice.received()
+        self.assertEqual([type(p) for p in second.received()], [P.MsgN])  # the copy
+        self.bob.send(P.AckR(self.bob.received()[0].seq))
+        self.turn()
+        self.assertEqual(self.alice.received(), [P.AckN(msg_a.seq)])
+        self.assertEqual(second.received(), [P.AckN(msg_a.seq)])
 
     def test_late_ack_retransmits_on_the_receivers_node(self) -> None:
         """A MSG_N that came from another node is sent again by the
@@ -216,6 +255,25 @@ class MessagesAcrossNodes(FriendsOnTwoNodes):
         self.turn()
         self.assertEqual(self.bob.received(), [P.AckA(1)])
 
+    def test_catch_up_pushes_no_device_its_own_message(self) -> None:
+        """A catch-up round pushes a user's other devices the copy of what
+        the user sent, never the sending device (it had the MSG_A)."""
+        laptop = self.b.connect()
+        laptop.login("alice", device=LAPTOP)
+        self.turn()
+        self.assertEqual([p.what for p in self.alice.received()], ["devices"])
+        self.registry.lose_publications = True
+        self.alice.send(P.MsgR(1, self.uids["bob"], "sent"))
+        self.turn()
+        self.registry.lose_publications = False
+        self.assertEqual(laptop.received(), [])
+        self.a.messenger.catch_up()
+        self.b.messenger.catch_up()
+        self.turn()
+        self.assertEqual([type(p) for p in self.alice.received()], [P.MsgA])
+        [copy] = laptop.received()
+        self.assertEqual((copy.body, copy.to), ("sent", self.uids["bob"]))
+
     def test_late_publication_after_catch_up_not_pushed_twice(self) -> None:
         """A publication slower than the catch-up round: the message is
         pushed once, by the catch-up, whether the publication comes while
@@ -235,12 +293,12 @@ class MessagesAcrossNodes(FriendsOnTwoNodes):
         self.assertEqual(self.bob.received(), [])
 
     def test_catch_up_leaves_what_was_acked_during_the_read(self) -> None:
-        """An ACK_R that came while the catch-up read the inbox (it is not
+        """An ACK_R that came while the catch-up read the timeline (it is not
         in what the store answered): that message is not pushed again."""
         self.alice.send(P.MsgR(1, self.uids["bob"], "hi"))
         self.turn()
         [msg_n] = self.bob.received()
-        self.b.messenger.catch_up()  # reads the inbox heads
+        self.b.messenger.catch_up()  # reads the timeline heads
         self.bob.send(P.AckR(msg_n.seq))
         self.turn()
         self.assertEqual(self.bob.received(), [P.AckA(1)])
@@ -268,13 +326,13 @@ class MessagesAcrossNodes(FriendsOnTwoNodes):
         self.assertEqual([(m.seq, m.body) for m in self.bob.received()], [(1, "lost")])
 
     def test_catch_up_leaves_what_the_client_pulls(self) -> None:
-        """Entries up to the inbox_max of RESUMED are the client's to pull:
+        """Entries up to the inbox_max of RESUMED are the device's to pull:
         catching up pushes only what came after."""
         self.bob.drop()
         self.alice.send(P.MsgR(1, self.uids["bob"], "while away"))
         self.turn()
         again = self.b.connect()
-        again.send(resume_for(self.bob_welcome))
+        again.send(resume(self.bob_welcome, self.now(), 1))
         self.turn()
         [resumed] = again.received()
         self.assertEqual(resumed.inbox_max, 1)
@@ -283,7 +341,8 @@ class MessagesAcrossNodes(FriendsOnTwoNodes):
         self.assertEqual(again.received(), [])
 
     def test_http_token_works_on_the_other_node(self) -> None:
-        """bob's bearer token from node b authenticates on node a's HTTP."""
+        """bob's bearer token from node b authenticates on node a's HTTP (the
+        store, shared by the nodes, has every session)."""
         status, body = self.a.http("GET", "/v1/versions", self.bob_welcome.token)
         self.assertEqual(status, 200, body)
         status, _ = self.a.http("GET", "/v1/versions", "not-a-token")
@@ -292,57 +351,55 @@ class MessagesAcrossNodes(FriendsOnTwoNodes):
     def test_changed_reaches_the_other_node(self) -> None:
         """A list change made through node a's HTTP reaches bob on node b as
         CHANGED at once."""
-        token = self.alice_token()
-        status, _ = self.a.http("DELETE", f"/v1/friends/{self.uids['bob']}", token)
+        status, _ = self.a.http("DELETE", f"/v1/friends/{self.uids['bob']}",
+                                self.alice_welcome.token)
         self.assertEqual(status, 204)
         self.turn()
         self.assertIn("friends", [p.what for p in self.bob.received()
                                   if isinstance(p, P.Changed)])
 
-    def alice_token(self) -> str:
-        session = self.a.router.session_for(self.uids["alice"])
-        token: str = session.token
-        return token
 
-
-class SessionsAcrossNodes(FriendsOnTwoNodes):
-    def resume_on_a(self, nonce: bytes = b"n0nce-01") -> Any:
+class DevicesAcrossNodes(FriendsOnTwoNodes):
+    def resume_on_a(self, nonce: int = 1) -> Client:
         client = self.a.connect()
-        client.send(resume_for(self.bob_welcome, ts=int(self.a.reactor.seconds()), nonce=nonce))
+        client.send(resume(self.bob_welcome, self.now(), nonce))
         self.turn()
         return client
 
     def test_resume_on_another_node(self) -> None:
         """The session made on node b resumes on node a: RESUMED with the same
-        uid, no PRESENCE to anyone, and node b's copy never expires into a
-        PRESENCE false later."""
+        uid, no PRESENCE to anyone and no ONLINE (the device was online), and
+        node b's copy never goes offline into a PRESENCE false later."""
         self.bob.drop()
         again = self.resume_on_a()
         [resumed] = again.received()
         self.assertIsInstance(resumed, P.Resumed)
         self.assertEqual(resumed.uid, self.uids["bob"])
-        self.assertIsNone(self.b.router.session_for(self.uids["bob"]))
+        self.assertIsNone(self.b.router.user(self.uids["bob"]))
         self.a.reactor.advance(1000)
         self.turn()
         self.assertEqual(self.alice.received(), [])
         self.assertFalse(again.closed)
 
-    def test_old_connection_closed_when_resumed_elsewhere(self) -> None:
-        """RESUME on node a while node b still has bob's connection: node b
-        closes it."""
+    def test_old_connection_kicked_when_resumed_elsewhere(self) -> None:
+        """RESUME on node a while node b still has bob's connection (a second
+        client of the same device, or a half-open connection): node b sends
+        it KICKED 1 and closes it; nobody sees a PRESENCE."""
         again = self.resume_on_a()
         self.assertIsInstance(again.received()[0], P.Resumed)
+        self.assertEqual(self.bob.received(), [P.Kicked(P.KICKED_REPLACED)])
         self.assertTrue(self.bob.closed)
         self.assertEqual(self.alice.received(), [])
 
-    def test_nonce_used_on_another_node(self) -> None:
-        """A RESUME replayed on a second node (same nonce) is refused there."""
+    def test_nonce_replayed_on_another_node(self) -> None:
+        """A RESUME replayed on a second node (same nonce) is refused there:
+        the nonce is recorded in the store, which every node shares."""
         self.bob.drop()
-        again = self.resume_on_a()
+        again = self.resume_on_a(5)
         self.assertIsInstance(again.received()[0], P.Resumed)
         again.drop()
         replay = self.b.connect()
-        replay.send(resume_for(self.bob_welcome, ts=int(self.a.reactor.seconds())))
+        replay.send(resume(self.bob_welcome, self.now(), 5))
         self.turn()
         [error] = replay.received()
         self.assertEqual(error.code, 409)
@@ -363,9 +420,9 @@ class SessionsAcrossNodes(FriendsOnTwoNodes):
         self.turn()
         self.assertEqual(self.alice.received(), [])
 
-    def test_login_on_another_node_replaces_quietly(self) -> None:
-        """bob logs in again on node a: node b's connection gets KICKED 1,
-        alice sees no PRESENCE at all."""
+    def test_login_of_the_same_device_on_another_node(self) -> None:
+        """bob's device signs in again on node a: node b's connection gets
+        KICKED 1, alice sees no PRESENCE at all."""
         again = self.a.connect()
         again.login("bob")
         self.turn()
@@ -375,28 +432,70 @@ class SessionsAcrossNodes(FriendsOnTwoNodes):
         self.turn()
         self.assertEqual(self.alice.received(), [])
 
-    def test_stale_copy_ends_without_presence(self) -> None:
-        """A node whose copy of a session was taken ends it without telling
-        the friends, even if the notice has not arrived yet."""
+    def test_sign_out_reaches_the_device_on_another_node(self) -> None:
+        """bob signs his phone (online on node b) out from his laptop over
+        node a's HTTP: the phone gets KICKED 5 on node b, and alice sees bob
+        stay online (the laptop) until the laptop says BYE."""
+        laptop = self.a.connect()
+        welcome = laptop.login("bob", device=LAPTOP)
+        self.turn()
+        status, _ = self.a.http("DELETE", "/v1/devices/dGVzdC1kZXZpY2UtMDAwMQ", welcome.token)
+        self.assertEqual(status, 204)
+        self.turn()
+        self.assertIn(P.Kicked(P.KICKED_SIGNED_OUT), self.bob.received())
+        self.assertEqual(self.alice.received(), [])
+        laptop.send(P.Bye())
+        self.turn()
+        self.assertEqual(self.alice.received(), [P.Presence(self.uids["bob"], False)])
+
+    def test_presence_with_devices_on_two_nodes(self) -> None:
+        """bob online on node b, then also on node a: no PRESENCE; his device
+        on b goes offline: none; the last one, on a, goes: one PRESENCE false."""
+        laptop = self.a.connect()
+        laptop.login("bob", device=LAPTOP)
+        self.turn()
+        self.bob.send(P.Bye())
+        self.turn()
+        self.assertEqual(self.alice.received(), [])
+        laptop.send(P.Bye())
+        self.turn()
+        self.assertEqual(self.alice.received(), [P.Presence(self.uids["bob"], False)])
+
+    def test_online_lists_friends_on_other_nodes(self) -> None:
+        """ONLINE after WELCOME names the friends online on any node."""
+        second = self.a.connect()
+        second.send(P.Login("alice", "pw", LAPTOP))
+        self.turn()
+        packets = second.received()
+        self.assertEqual(packets[1], P.Online((self.uids["bob"],)))
+
+    def test_stale_copy_goes_without_presence(self) -> None:
+        """A node whose copy of a device was taken by another node takes it
+        offline without telling the friends, even before the notice came."""
         self.bob.drop()
         self.registry.lose_publications = True
         self.resume_on_a()
         self.registry.lose_publications = False
-        stale = self.b.router.session_for(self.uids["bob"])
-        self.b.sessions.end(stale)
+        stale = self.b.router.device_by_id(self.bob_welcome.session_id)
+        self.b.sessions.bye(stale)
         self.turn()
         self.assertEqual(self.alice.received(), [])
+        # and the store still has the device online (it is, on node a)
+        status, body = self.a.http("GET", "/v1/devices", self.bob_welcome.token)
+        self.assertEqual([d["online"] for d in body["devices"]], [True])
 
-    def test_adopted_session_resumes_or_expires(self) -> None:
-        """Node b dies; node a adopts its sessions: bob resumes there, and a
-        session nobody resumes ends after the linger with one PRESENCE false."""
+    def test_adopted_device_resumes_or_goes_offline(self) -> None:
+        """Node b dies; node a adopts its devices: bob's lingers there, and
+        a device nobody resumes goes offline after the linger with one
+        PRESENCE false."""
         self.bob.drop()
         records = []
-        for sid, record in self.registry.records.items():
-            if record["node"] == "b":
-                record["node"] = "a"
-                self.registry.users[record["uid"]] = ("a", sid)
-                records.append({**record, "session_id": sid})
+        devices = self.registry.users[self.uids["bob"]]
+        for sid in list(devices):
+            devices[sid] = "a"
+            record = self.a.store.session(sid)
+            self.turn()
+            records.append(self.successResultOf(record))
         self.a.sessions.adopt(records)
         self.turn()
         self.a.reactor.advance(300)
@@ -405,23 +504,23 @@ class SessionsAcrossNodes(FriendsOnTwoNodes):
 
 
 class AnswerLater(LocalRouter):
-    """One node whose registry answers a session's end later (Redis away)."""
+    """One node whose registry answers a device's release later (Redis away)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.answers: list[Deferred[bool]] = []
 
-    def release(self, session: Any, was_current: bool, connected: bool = False) -> Deferred[bool]:
+    def release(self, device: Any, last: bool, connected: bool) -> Deferred[tuple[bool, bool]]:
         d: Deferred[bool] = Deferred()
         self.answers.append(d)
-        return d.addCallback(lambda mine: mine and was_current)
+        return d.addCallback(lambda was_last: (True, was_last and last))
 
 
 class LateAnswers(SynchronousTestCase):
-    def test_newer_login_meanwhile_is_not_reported_offline(self) -> None:
+    def test_newer_sign_in_meanwhile_is_not_reported_offline(self) -> None:
         """alice's linger ran out while the registry could not answer; she
-        logged in again before it did: when the answer comes (it was her
-        session), bob sees no PRESENCE false for a user who is online."""
+        signed in again before it did: when the answer comes (it was her
+        last device), bob sees no PRESENCE false for a user who is online."""
         router = AnswerLater()
         node = Harness(router=router)
         uids = {name: add_user(node.store, name) for name in ("alice", "bob")}

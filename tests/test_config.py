@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
+import stat
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from im58d import tap
-from im58d.config import Config, ConfigError, load_config, parse_config
+from im58d.config import SCHEMA, Config, ConfigError, load_config, parse_config
 from im58d.routing.iplist import AccessServer
 
-# The block of PROTOCOL.md section 4, verbatim: keys, defaults and comments.
+# The block of PROTOCOL.md section 4, verbatim (keys, defaults and comments),
+# but for the keys of features this daemon does not have yet: [store] backend
+# and dsn (PostgreSQL) and the [push] section.
 CONTRACT_INI = """\
 [store]
 database = im58d.sqlite
@@ -24,6 +28,8 @@ http = tcp:8058:interface=127.0.0.1
 [session]
 linger = 300                              ; seconds a session outlives its connection
 heartbeat = 240                           ; seconds, told to clients in WELCOME
+max_devices = 5                           ; sessions per user, one per device
+expire_days = 90                          ; a session unused this long ends
 [messages]
 max_body = 4096                           ; bytes
 friends_only = no
@@ -43,6 +49,8 @@ def contract_values(config: Config) -> dict[str, object]:
         "[listen] http": config.http,
         "[session] linger": config.linger,
         "[session] heartbeat": config.heartbeat,
+        "[session] max_devices": config.max_devices,
+        "[session] expire_days": config.expire_days,
         "[messages] max_body": config.max_body,
         "[messages] friends_only": config.friends_only,
         "[admin] token": config.admin_token,
@@ -57,6 +65,8 @@ CONTRACT_DEFAULTS: dict[str, object] = {
     "[listen] http": ("tcp:8058:interface=127.0.0.1",),
     "[session] linger": 300,
     "[session] heartbeat": 240,
+    "[session] max_devices": 5,
+    "[session] expire_days": 90,
     "[messages] max_body": 4096,
     "[messages] friends_only": False,
     "[admin] token": "",
@@ -113,6 +123,8 @@ class ParseTests(SynchronousTestCase):
             "[session]\n"
             "linger = 30\n"
             "heartbeat = 60\n"
+            "max_devices = 2\n"
+            "expire_days = 7\n"
             "[messages]\n"
             "max_body = 100\n"
             "friends_only = yes\n"
@@ -131,6 +143,8 @@ class ParseTests(SynchronousTestCase):
                 "[listen] http": ("tcp:6080:interface=0.0.0.0",),
                 "[session] linger": 30,
                 "[session] heartbeat": 60,
+                "[session] max_devices": 2,
+                "[session] expire_days": 7,
                 "[messages] max_body": 100,
                 "[messages] friends_only": True,
                 "[admin] token": "s3cret",
@@ -138,7 +152,8 @@ class ParseTests(SynchronousTestCase):
                 "[routing] redis": "tcp:redis.example:6380",
             },
         )
-        for value in (config.linger, config.heartbeat, config.max_body):
+        for value in (config.linger, config.heartbeat, config.max_devices, config.expire_days,
+                      config.max_body):
             self.assertIs(type(value), int)
         self.assertIs(config.friends_only, True)
         self.assertEqual(config.source, "full.ini")
@@ -288,6 +303,17 @@ class ParseErrorTests(SynchronousTestCase):
         self.assertConfigError(
             "[messages]\nmax_body = 999999999999\n", "[messages] max_body"
         )
+
+    def test_session_limits(self) -> None:
+        """``max_devices`` is a whole number in 1..100 and ``expire_days`` in
+        1..36500; the ends of the ranges are taken, anything else refused
+        naming the key and the value."""
+        for key, low, high in (("max_devices", 1, 100), ("expire_days", 1, 36500)):
+            for value in (low, high):
+                config = parse_config(f"[session]\n{key} = {value}\n")
+                self.assertEqual(getattr(config, key), value)
+            for bad in (str(low - 1), str(high + 1), "-1", "5.0", "five", "", "1e2"):
+                self.assertConfigError(f"[session]\n{key} = {bad}\n", f"[session] {key}", bad)
 
     def test_bad_bool(self) -> None:
         """``friends_only`` refuses anything but a yes/no word."""
@@ -483,6 +509,53 @@ class OptionsTests(ConfigFileTestCase):
         self.assertIn(path, message)
 
 
+class ExampleFileTests(SynchronousTestCase):
+    """``etc/im58d.ini``, the documented example every operator starts from."""
+
+    PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "etc", "im58d.ini")
+
+    def read(self) -> str:
+        with open(self.PATH, encoding="utf-8") as f:
+            return f.read()
+
+    def test_documents_every_key(self) -> None:
+        """Every key the daemon reads is in the example, under its section,
+        with a comment in its paragraph (set, or commented out when it has
+        no default value); the example names no key the daemon does not
+        read."""
+        section = ""
+        found: dict[tuple[str, str], bool] = {}
+        commented = False  # the paragraph so far has a comment
+        for line in self.read().splitlines():
+            stripped = line.strip()
+            header = re.fullmatch(r"\[(\w+)\]", stripped)
+            if header or not stripped:
+                section = header.group(1) if header else section
+                commented = False
+                continue
+            key = re.fullmatch(r"(;\s*)?(\w+)\s*=.*", stripped)
+            if section and key and not line.startswith((" ", "\t")):
+                found.setdefault((section, key.group(2)), commented)
+            commented = commented or stripped.startswith(";")
+        schema = {(section, key) for section, keys in SCHEMA.items() for key in keys}
+        self.assertEqual(schema - set(found), set(), "keys missing from etc/im58d.ini")
+        self.assertEqual(set(found) - schema, set(), "keys etc/im58d.ini has and SCHEMA not")
+        self.assertEqual([k for k, documented in found.items() if not documented], [],
+                         "keys without a comment")
+
+    def test_values_are_the_defaults(self) -> None:
+        """The example parses, and its values are the embedded defaults."""
+        config = parse_config(self.read(), self.PATH)
+        self.assertEqual(config.replace(source=Config().source), Config())
+
+    def test_session_keys_documented(self) -> None:
+        """The example sets max_devices and expire_days to their defaults."""
+        text = self.read()
+        self.assertRegex(text, r"\nmax_devices = 5\n")
+        self.assertRegex(text, r"\nexpire_days = 90\n")
+
+
 class MakeServiceTests(SynchronousTestCase):
     def options(self, *argv: str) -> tap.Options:
         options = tap.Options()
@@ -567,6 +640,26 @@ class MakeServiceTests(SynchronousTestCase):
         os.mkdir(path)
         self.assertFails(self.options("--database", path), "[store] database")
 
+    def test_database_is_created_private(self) -> None:
+        """The database file the daemon creates is readable and writable by
+        its owner only: it holds every session key."""
+        path = self.mktemp()
+        tap.makeService(self.options("--database", path), reactor=MemoryReactor())
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    def test_readable_database_is_refused(self) -> None:
+        """A database file that group or others may read or write stops the
+        start with one line naming ``[store] database`` and ``chmod 600``."""
+        path = self.mktemp()
+        tap.makeService(self.options("--database", path), reactor=MemoryReactor())
+        for mode in (0o644, 0o640, 0o606):
+            os.chmod(path, mode)
+            message = self.assertFails(self.options("--database", path), "[store] database")
+            self.assertIn(f"chmod 600 {path}", message)
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), mode)
+        os.chmod(path, 0o600)
+        tap.makeService(self.options("--database", path), reactor=MemoryReactor())
+
     def test_newer_schema_is_refused(self) -> None:
         """A database written by a newer im58d (higher schema version) is
         refused with one line saying so, and is left at its version."""
@@ -574,6 +667,7 @@ class MakeServiceTests(SynchronousTestCase):
         conn = sqlite3.connect(path)
         conn.execute("PRAGMA user_version = 999")
         conn.close()
+        os.chmod(path, 0o600)
         message = self.assertFails(self.options("--database", path), "[store] database")
         self.assertIn("999", message)
         self.assertIn("newer", message)

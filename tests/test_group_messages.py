@@ -1,11 +1,13 @@
-"""Group messages (MSG_R kind 1) as the contract's section 1.4 has them.
+"""Group messages (MSG_R kind 1) as section 1.4 of contract version 2 has them.
 
-A group message is stored once and appended to the inbox of every member but
-its sender; each connected member gets MSG_N with ``group`` set and acks it
-(ACK_R → ACK_A) like a one-to-one message, offline members pull it with
-``GET /v1/inbox``; the sender gets MSG_A and never ACK_N.  Only members may
-send (403, ``ref`` = cmid, the connection stays), an unknown group is 404,
-and a retransmitted MSG_R is de-duplicated by (sender, cmid).
+A group message is stored once with an entry in the timeline of every
+member, its sender's included; MSG_A carries the sender's seq; each other
+member's connected devices get MSG_N with ``group`` set and ack it (ACK_R →
+ACK_A) like a one-to-one message, and so do the sender's other devices;
+offline devices pull it with ``GET /v1/inbox``; nobody gets ACK_N for it.
+Only members may send (403, ``ref`` = cmid, the connection stays), an
+unknown group is 404, and a retransmitted MSG_R is de-duplicated by
+(sender, device, cmid).
 
 The server side runs on ``tests.support.Harness``; the SDK side on the
 devices of ``tests.test_client.SDKTestCase``.  Nothing sleeps.
@@ -23,7 +25,7 @@ from im58d.wire import packets as P
 
 from . import test_client
 from .support import NOW, Client, Harness, add_user
-from .test_messages import count
+from .test_messages import count, named_device, pull, timeline
 
 
 def create_group(harness: Harness, owner: int, members: list[int]) -> int:
@@ -58,7 +60,7 @@ class FiftyMembers(SynchronousTestCase):
         self.sender_uid = self.uids[0]
         self.gid = create_group(self.h, self.sender_uid, self.uids[1:])
         self.sender = self.h.connect()
-        self.sender.login(self.names[0])
+        self.sender_token = self.sender.login(self.names[0]).token
         self.connected: dict[int, Client] = {}
         self.offline: list[int] = []
         for i in range(1, 50):
@@ -70,7 +72,7 @@ class FiftyMembers(SynchronousTestCase):
             if i % 3 == 1:
                 self.connected[i] = client
             else:
-                client.drop()  # the session lingers
+                client.drop()  # the device lingers
                 self.offline.append(i)
 
     def send_all(self) -> list[P.MsgA]:
@@ -92,29 +94,27 @@ class FiftyMembers(SynchronousTestCase):
         self.assertEqual(status, 200)
         return page  # type: ignore[no-any-return]
 
-    def test_stored_once_one_entry_per_other_member(self) -> None:
-        """Each group message is one stored message with one inbox entry for
-        each of the 49 other members, in send order, and none for the sender."""
+    def resend(self, seconds: float) -> None:
+        self.h.reactor.advance(seconds)
+        self.h.messenger.resend_late()
+        self.h.turn()
+
+    def test_stored_once_one_entry_per_member(self) -> None:
+        """Each group message is one stored message with one timeline entry
+        for each of the 50 members, the sender included, in send order; MSG_A
+        carries the sender's own seq."""
         msg_as = self.send_all()
-        self.assertEqual([(a.cmid, a.ts) for a in msg_as],
-                         [(cmid, NOW) for cmid in range(1, self.MESSAGES + 1)])
+        self.assertEqual([(a.cmid, a.seq) for a in msg_as],
+                         [(cmid, cmid) for cmid in range(1, self.MESSAGES + 1)])
         self.assertEqual(len({a.msg_id for a in msg_as}), self.MESSAGES)
         self.assertEqual(count(self.h, "SELECT count(*) FROM messages"), self.MESSAGES)
         for a in msg_as:
             self.assertEqual(
-                count(self.h, "SELECT count(*) FROM inbox WHERE msg_id = ?", a.msg_id), 49
+                count(self.h, "SELECT count(*) FROM inbox WHERE msg_id = ?", a.msg_id), 50
             )
-        for uid in self.uids[1:]:
-            db = self.h.store._db
-            assert db is not None
-            entries = db.execute(
-                "SELECT seq, msg_id FROM inbox WHERE uid = ? ORDER BY seq", (uid,)
-            ).fetchall()
-            self.assertEqual([tuple(e) for e in entries],
+        for uid in self.uids:
+            self.assertEqual(timeline(self.h, uid),
                              [(seq, a.msg_id) for seq, a in enumerate(msg_as, 1)])
-        self.assertEqual(
-            count(self.h, "SELECT count(*) FROM inbox WHERE uid = ?", self.sender_uid), 0
-        )
 
     def test_connected_members_get_each_msg_n_once(self) -> None:
         """Every connected member gets one MSG_N per message, with its own
@@ -132,18 +132,17 @@ class FiftyMembers(SynchronousTestCase):
                 count(self.h, "SELECT acked_seq FROM inboxes WHERE uid = ?", uid), self.MESSAGES
             )
         for _ in range(3):
-            self.h.reactor.advance(30)
-            self.h.messenger.resend_late()
-            self.h.turn()
+            self.resend(30)
         for client in self.connected.values():
             self.assertEqual(client.received(), [])
         self.assertEqual(self.h.messenger.retransmitted, 0)
 
     def test_sender_gets_msg_a_and_no_ack_n(self) -> None:
-        """The sender gets its MSG_As and nothing else: no MSG_N of its own
-        message and no ACK_N, even when every member has acked; its inbox
-        stays empty."""
-        self.send_all()
+        """The sender's device gets its MSG_As and nothing else: no MSG_N of
+        its own message and no ACK_N, even when every member has acked; its
+        timeline holds the messages with ``group`` and without ``to`` or
+        ``delivered``."""
+        msg_as = self.send_all()
         for client in self.connected.values():
             client.send(P.AckR(self.MESSAGES))
         for i in self.offline:
@@ -152,9 +151,28 @@ class FiftyMembers(SynchronousTestCase):
             late.send(P.AckR(self.MESSAGES))
             self.assertEqual(late.received(), [P.AckA(self.MESSAGES)])
         self.assertEqual(self.sender.received(), [])
-        session = self.h.router.session_for(self.sender_uid)
-        assert session is not None
-        self.assertEqual(self.pull(session.token), {"messages": [], "max": 0})
+        self.assertEqual(self.h.messenger.acks_out, 0)
+        self.assertEqual(self.pull(self.sender_token), {"messages": [
+            {"seq": a.seq, "msg_id": a.msg_id, "from": self.sender_uid, "group": self.gid,
+             "body": f"hello group {a.cmid}", "ts": NOW}
+            for a in msg_as
+        ], "max": self.MESSAGES})
+
+    def test_senders_other_device_gets_the_copy(self) -> None:
+        """The sender's other connected device gets each message as MSG_N
+        [seqA, msg_id, sender, body, ts, gid] (no ``to``) and acks it like
+        any other; the sending device gets none."""
+        tablet = self.h.connect()
+        tablet.login(self.names[0], device=named_device("sender-tablet"))
+        self.assertEqual([p.what for p in self.sender.received()], ["devices"])
+        msg_as = self.send_all()
+        expected = [P.MsgN(a.seq, a.msg_id, self.sender_uid, f"hello group {a.cmid}", NOW,
+                           self.gid) for a in msg_as]
+        self.assertEqual(tablet.received(), expected)
+        tablet.send(P.AckR(self.MESSAGES))
+        self.assertEqual(tablet.received(), [P.AckA(self.MESSAGES)])
+        self.resend(30)
+        self.assertEqual((tablet.received(), self.sender.received()), ([], []))
 
     def test_offline_members_pull_each_once(self) -> None:
         """Members that were offline or lingering got nothing pushed; after
@@ -175,9 +193,7 @@ class FiftyMembers(SynchronousTestCase):
                              {"messages": expected, "max": self.MESSAGES})
             client.send(P.AckR(self.MESSAGES))
             self.assertEqual(client.received(), [P.AckA(self.MESSAGES)])
-            self.h.reactor.advance(30)
-            self.h.messenger.resend_late()
-            self.h.turn()
+            self.resend(30)
             self.assertEqual(client.received(), [])
 
     def test_unacked_msg_n_sent_again_with_group(self) -> None:
@@ -190,20 +206,31 @@ class FiftyMembers(SynchronousTestCase):
             client.received()
             if client is not slow:
                 client.send(P.AckR(self.MESSAGES))
-        self.h.reactor.advance(10)
-        self.h.messenger.resend_late()
-        self.h.turn()
+        self.resend(10)
         self.assertEqual(slow.received(), expected)
         for client in self.connected.values():
             if client is not slow:
                 self.assertEqual(client.received(), [P.AckA(self.MESSAGES)])
         slow.send(P.AckR(self.MESSAGES))
         self.assertEqual(slow.received(), [P.AckA(self.MESSAGES)])
-        self.h.reactor.advance(10)
-        self.h.messenger.resend_late()
-        self.h.turn()
+        self.resend(10)
         self.assertEqual(slow.received(), [])
         self.assertEqual(self.sender.received(), [])
+
+    def test_retransmit_per_device(self) -> None:
+        """A member on two devices: the device that acked gets nothing more,
+        the one that did not gets the MSG_Ns again."""
+        other = self.h.connect()
+        other.login(self.names[1], device=named_device("member-tablet"))
+        phone = self.connected[1]
+        self.assertEqual([p.what for p in phone.received()], ["devices"])
+        msg_as = self.send_all()
+        expected = self.expected_msg_ns(msg_as)
+        self.assertEqual((phone.received(), other.received()), (expected, expected))
+        phone.send(P.AckR(self.MESSAGES))
+        phone.received()
+        self.resend(10)
+        self.assertEqual((phone.received(), other.received()), ([], expected))
 
 
 class SmallGroup(SynchronousTestCase):
@@ -215,9 +242,10 @@ class SmallGroup(SynchronousTestCase):
         self.uid = {name: add_user(self.h.store, name) for name in names}
         self.gid = create_group(self.h, self.uid["alice"], [self.uid["bob"], self.uid["carol"]])
         self.clients = {}
+        self.tokens = {}
         for name in names:
             self.clients[name] = self.h.connect()
-            self.clients[name].login(name)
+            self.tokens[name] = self.clients[name].login(name).token
         self.alice, self.bob, self.carol, self.dave = (self.clients[n] for n in names)
 
 
@@ -274,20 +302,38 @@ class RefusalTests(SmallGroup):
             self.assertEqual(self.clients[name].received(),
                              [P.MsgN(1, msg_a.msg_id, self.uid["bob"], "yes", NOW, self.gid)])
 
+    def test_cmid_reused_for_another_message(self) -> None:
+        """A stored group message's cmid sent again with another body or to
+        another group gets ERROR 409 with ref = cmid; nothing new is stored
+        or pushed."""
+        other = create_group(self.h, self.uid["alice"], [self.uid["dave"]])
+        self.alice.send(P.MsgR(6, self.gid, "first", P.KIND_GROUP))
+        [msg_a] = self.alice.received()
+        for name in ("bob", "carol", "dave"):
+            self.clients[name].received()
+        self.alice.send(P.MsgR(6, self.gid, "second", P.KIND_GROUP))
+        self.alice.send(P.MsgR(6, other, "first", P.KIND_GROUP))
+        self.assertEqual([(p.code, p.ref) for p in self.alice.received()], [(409, 6), (409, 6)])
+        self.assertEqual(count(self.h, "SELECT count(*) FROM messages"), 1)
+        for name in ("bob", "carol", "dave"):
+            self.assertEqual(self.clients[name].received(), [])
+        self.alice.send(P.MsgR(6, self.gid, "first", P.KIND_GROUP))
+        self.assertEqual(self.alice.received(), [msg_a])
+
 
 class DeduplicationTests(SmallGroup):
     def assert_one_entry_each(self, msg_id: int) -> None:
         self.assertEqual(count(self.h, "SELECT count(*) FROM messages"), 1)
-        for name in ("bob", "carol"):
+        for name in ("alice", "bob", "carol"):
             self.assertEqual(
                 count(self.h, "SELECT count(*) FROM inbox WHERE uid = ? AND msg_id = ?",
                       self.uid[name], msg_id), 1)
-        self.assertEqual(count(self.h, "SELECT count(*) FROM inbox WHERE uid = ?",
-                               self.uid["alice"]), 0)
+        self.assertEqual(count(self.h, "SELECT count(*) FROM inbox"), 3)
 
     def test_retransmitted_msg_r(self) -> None:
-        """A repeated MSG_R (same cmid) gets the same MSG_A (same msg_id) and
-        creates no second message, inbox entry or MSG_N."""
+        """A repeated MSG_R (same device and cmid) gets the same MSG_A (same
+        msg_id and seq) and creates no second message, timeline entry or
+        MSG_N."""
         self.alice.send(P.MsgR(5, self.gid, "once", P.KIND_GROUP))
         [msg_a] = self.alice.received()
         self.assertIsInstance(msg_a, P.MsgA)
@@ -309,6 +355,21 @@ class DeduplicationTests(SmallGroup):
         self.assert_one_entry_each(first.msg_id)
         for name in ("bob", "carol"):
             self.assertEqual(len(self.clients[name].received()), 1)
+
+    def test_same_cmid_from_another_device(self) -> None:
+        """The same cmid from another device of the sender is a new group
+        message."""
+        tablet = self.h.connect()
+        tablet.login("alice", device=named_device("alice-tablet"))
+        self.alice.received()
+        self.alice.send(P.MsgR(5, self.gid, "once", P.KIND_GROUP))
+        [phone_a] = self.alice.received()
+        tablet.received()
+        tablet.send(P.MsgR(5, self.gid, "once", P.KIND_GROUP))
+        [tablet_a] = tablet.received()
+        self.assertNotEqual(tablet_a.msg_id, phone_a.msg_id)
+        self.assertEqual(count(self.h, "SELECT count(*) FROM messages"), 2)
+        self.assertEqual(len(self.bob.received()), 2)
 
     def test_retransmit_after_every_member_acked(self) -> None:
         """Unlike a one-to-one message, a group message acked by every member
@@ -337,14 +398,14 @@ class DeduplicationTests(SmallGroup):
         self.carol.send(P.MsgR(2, self.gid, "bye", P.KIND_GROUP))
         self.assertEqual(self.carol.received(), [msg_a])
         self.assertEqual((self.alice.received(), self.bob.received()), ([], []))
-        self.assertEqual(count(self.h, "SELECT count(*) FROM inbox"), 2)
+        self.assertEqual(count(self.h, "SELECT count(*) FROM inbox"), 3)
 
 
 class MixedInboxTests(SmallGroup):
     def test_group_and_direct_messages_interleave(self) -> None:
-        """A member's inbox holds group and one-to-one messages in one seq
-        order; acking past a group message sends ACK_N only for the
-        one-to-one ones."""
+        """A member's timeline holds group and one-to-one messages, sent and
+        received, in one seq order; acking past a group message sends ACK_N
+        only for the one-to-one ones, naming the sender's seq."""
         self.alice.send(P.MsgR(1, self.gid, "to all", P.KIND_GROUP))
         self.carol.send(P.MsgR(1, self.uid["bob"], "to bob"))
         [group_a] = self.alice.received()
@@ -353,12 +414,19 @@ class MixedInboxTests(SmallGroup):
         self.assertEqual(carol_got[0], group_n)
         [direct_a] = carol_got[1:]
         self.assertIsInstance(direct_a, P.MsgA)
+        self.assertEqual(direct_a.seq, 2)
         self.assertEqual(self.bob.received(), [
             group_n, P.MsgN(2, direct_a.msg_id, self.uid["carol"], "to bob", NOW)])
         self.bob.send(P.AckR(2))
         self.assertEqual(self.bob.received(), [P.AckA(2)])
         self.assertEqual(self.alice.received(), [])
-        self.assertEqual(self.carol.received(), [P.AckN(1, direct_a.msg_id)])
+        self.assertEqual(self.carol.received(), [P.AckN(2)])
+        self.assertEqual(pull(self.h, self.tokens["carol"]), [
+            {"seq": 1, "msg_id": group_a.msg_id, "from": self.uid["alice"], "group": self.gid,
+             "body": "to all", "ts": NOW},
+            {"seq": 2, "msg_id": direct_a.msg_id, "from": self.uid["carol"],
+             "to": self.uid["bob"], "body": "to bob", "ts": NOW, "delivered": True},
+        ])
 
     def test_one_batch_of_group_and_direct_messages(self) -> None:
         """Messages to two groups and to a user committed in one batch give a
@@ -380,32 +448,29 @@ class MixedInboxTests(SmallGroup):
             P.MsgN(2, ids["carol"], self.uid["carol"], "g2", NOW, second),
             P.MsgN(3, ids["dave"], self.uid["dave"], "direct", NOW),
         ])
-        session = self.h.router.session_for(self.uid["bob"])
-        assert session is not None
-        status, page = self.h.http("GET", "/v1/inbox", session.token)
-        self.assertEqual(status, 200)
-        self.assertEqual([(m["seq"], m.get("group")) for m in page["messages"]],
+        self.assertEqual([(m["seq"], m.get("group")) for m in pull(self.h, self.tokens["bob"])],
                          [(1, self.gid), (2, second), (3, None)])
 
 
 class LargestGroupTests(SynchronousTestCase):
     def test_five_hundred_members(self) -> None:
-        """A group of 500 members (the default ``max_members``) delivers to all
-        499 others: one stored message, one inbox entry each, none for the
-        sender, and a retransmit adds nothing."""
+        """A group of 500 members (the default ``max_members``) delivers to
+        all 500 timelines, the sender's included: one stored message, one
+        entry each, and a retransmit adds nothing."""
         h = Harness()
         uids = [add_user(h.store, f"m{i}") for i in range(500)]
         gid = create_group(h, uids[0], uids[1:])
-        message = (uids[0], 1, gid, "to everyone", P.KIND_GROUP)
+        message = (uids[0], 1, 1, gid, "to everyone", P.KIND_GROUP)
         for _ in range(2):
             d = h.store.deliver([message], [], NOW)
             h.turn()
             [result], _ = self.successResultOf(d)
         self.assertEqual(count(h, "SELECT count(*) FROM messages"), 1)
-        self.assertEqual(count(h, "SELECT count(*) FROM inbox WHERE msg_id = ?", result[1]), 499)
-        self.assertEqual(count(h, "SELECT count(DISTINCT uid) FROM inbox"), 499)
-        self.assertEqual(count(h, "SELECT count(*) FROM inbox WHERE uid = ?", uids[0]), 0)
-        self.assertEqual(count(h, "SELECT min(max_seq) FROM inboxes WHERE uid != ?", uids[0]), 1)
+        self.assertEqual(count(h, "SELECT count(*) FROM inbox WHERE msg_id = ?", result[1]), 500)
+        self.assertEqual(count(h, "SELECT count(DISTINCT uid) FROM inbox"), 500)
+        self.assertEqual(count(h, "SELECT count(*) FROM inbox WHERE uid = ?", uids[0]), 1)
+        self.assertEqual(count(h, "SELECT min(max_seq) FROM inboxes"), 1)
+        self.assertEqual(count(h, "SELECT max(max_seq) FROM inboxes"), 1)
 
 
 class SDKGroupTests(test_client.SDKTestCase):
@@ -428,7 +493,9 @@ class SDKGroupTests(test_client.SDKTestCase):
         """send(gid, body, kind=KIND_GROUP) ends "stored" and stays so (no
         ACK_N ever makes it "delivered"); every other member's on_message
         shows each message once, in order, with ``group`` set, whether pushed
-        live or pulled after a later login; the sender is shown nothing."""
+        live or pulled after a later login; the sending device is shown
+        nothing (its own messages are in the sender's timeline, not shown
+        again)."""
         outs = [self.alice.client.send(self.gid, f"g{i}", kind=P.KIND_GROUP) for i in (1, 2, 3)]
         self.settle()
         msg_ids = [self.msg_id_of(self.alice_uid, out.cmid) for out in outs]
@@ -450,7 +517,7 @@ class SDKGroupTests(test_client.SDKTestCase):
         for device in (self.bob, self.carol, dave):
             self.assertEqual(device.shown, expected)
         self.assertEqual(self.alice.shown, [])
-        self.assertEqual(self.inbox_size(self.alice_uid), 0)
+        self.assertEqual(self.inbox_size(self.alice_uid), 3)  # the sender's own entries
         self.assertEqual(self.alice.statuses, [(o.cmid, STORED, o.msg_id) for o in outs])
         self.assertEqual({o.state for o in outs}, {STORED})
         self.assertEqual(self.alice.client.waiting, {})

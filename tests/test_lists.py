@@ -22,6 +22,7 @@ from im58d.web.root import make_site
 from im58d.wire import packets as P
 
 from .support import NOW, Client, Harness, add_user
+from .test_messages import b64, named_device
 
 NAMES = ("alice", "bob", "carol", "dave")
 
@@ -43,6 +44,8 @@ AUTHENTICATED: tuple[tuple[str, str, Any], ...] = (
     ("DELETE", "/v1/groups/1/members/1", None),
     ("POST", "/v1/users/sync", {"have": {}}),
     ("PATCH", "/v1/me", {"nick": "x"}),
+    ("GET", "/v1/devices", None),
+    ("DELETE", "/v1/devices/current", None),
 )
 
 
@@ -181,20 +184,24 @@ class ListTestCase(SynchronousTestCase):
 
     def small_site(self, max_members: int) -> None:
         """Serve HTTP from a tree whose groups hold ``max_members`` at most."""
-        self.h.site = make_site(self.h.iplist, self.h.sessions, self.h.store,
+        self.h.site = make_site(self.h.iplist, self.h.sessions, self.h.store, self.h.reactor,
                                 max_members=max_members)
         self.h.treq = StubTreq(self.h.site.resource)
 
 
 class VersionsTests(ListTestCase):
     def test_shape(self) -> None:
-        """GET /v1/versions: the three list versions, the caller's own row
-        version ("me", as users/sync shows it) and the highest row versions
-        among friends and groups (0 with none); all whole numbers."""
+        """GET /v1/versions: the five list versions (friends, groups,
+        categories, requests, devices), the caller's own row version ("me",
+        as users/sync shows it) and the highest row versions among friends
+        and groups (0 with none); all whole numbers."""
         versions = self.versions("alice")
         self.assertEqual(
-            list(versions), ["friends", "groups", "categories", "me", "friend_rows", "group_rows"]
+            list(versions), ["friends", "groups", "categories", "requests", "devices", "me",
+                             "friend_rows", "group_rows"]
         )
+        self.assertEqual(versions["requests"], self.version("/v1/friends/requests", "alice"))
+        self.assertEqual(versions["devices"], self.version("/v1/devices", "alice"))
         self.assertTrue(all(type(v) is int for v in versions.values()))
         self.assertEqual(versions["friend_rows"], 0)
         self.assertEqual(versions["group_rows"], 0)
@@ -252,14 +259,18 @@ class VersionsTests(ListTestCase):
         self.assertGreater(self.versions("alice")["group_rows"], before["group_rows"])
 
     def test_offline_users_change_too(self) -> None:
-        """Users with no connection (a token from /v1/login only) change
-        lists like the others; their versions move all the same."""
+        """Users with no connection (the token of a device that said BYE,
+        or of one signed in over /v1/login only) change lists like the
+        others; their versions move all the same."""
         self.client["dave"].send(P.Bye())
-        _, login = self.call("POST", "/v1/login", None,
-                             {"user": "dave", "password": "pw", "device": "web"})
-        self.token["dave"] = login["token"]
         before = self.versions("dave")
         self.befriend("carol", "dave")
+        self.assertGreater(self.versions("dave")["friends"], before["friends"])
+        _, login = self.call("POST", "/v1/login", None, {
+            "user": "dave", "password": "pw", "device_id": b64(named_device("dave-web"))})
+        self.token["dave"] = login["token"]
+        before = self.versions("dave")
+        self.befriend("bob", "dave")
         self.assertGreater(self.versions("dave")["friends"], before["friends"])
 
 
@@ -285,7 +296,8 @@ class ListReadTests(ListTestCase):
         self.assertEqual(self.ok("GET", "/v1/categories", "alice"),
                          {"version": 1, "categories": []})
         self.assertEqual(self.ok("GET", "/v1/groups", "alice"), {"version": 1, "groups": []})
-        self.assertEqual(self.ok("GET", "/v1/friends/requests", "alice"), {"requests": []})
+        self.assertEqual(self.ok("GET", "/v1/friends/requests", "alice"),
+                         {"version": 1, "requests": []})
 
     def test_lists_shapes(self) -> None:
         """friends: [[uid, category]] by uid; categories: [[id, name]];
@@ -472,19 +484,21 @@ class FriendTests(ListTestCase):
         """A request is 202 {"requested": true} and shows in the other's
         GET /v1/friends/requests; their POST accepts it: both are friends,
         filed under the category each chose, both friend list versions move
-        and both connected users get CHANGED friends with the new version."""
+        and both connected users get CHANGED friends with the new version
+        (the one who accepted CHANGED requests too: the request is gone)."""
         work = self.category("alice", "Work")
         family = self.category("bob", "Family")
         before = {n: self.version("/v1/friends", n) for n in ("alice", "bob")}
         answer = self.ok("POST", "/v1/friends", "alice",
                          {"uid": self.uid["bob"], "category": work}, 202)
         self.assertEqual(answer, {"requested": True})
-        self.assertEqual(self.ok("GET", "/v1/friends/requests", "bob"),
-                         {"requests": [{"uid": self.uid["alice"], "ts": NOW}]})
-        self.assertEqual(self.ok("GET", "/v1/friends/requests", "alice"), {"requests": []})
+        requests = self.ok("GET", "/v1/friends/requests", "bob")
+        self.assertEqual(requests["requests"], [{"uid": self.uid["alice"], "ts": NOW}])
+        self.assertEqual(self.ok("GET", "/v1/friends/requests", "alice")["requests"], [])
         # a request alone changes no friend list
         self.assertEqual({n: self.version("/v1/friends", n) for n in before}, before)
-        self.assertEqual(self.changed("alice") + self.changed("bob"), [])
+        self.assertEqual(self.changed("alice"), [])
+        self.assertEqual(self.changed("bob"), [P.Changed("requests", requests["version"])])
 
         answer = self.ok("POST", "/v1/friends", "bob",
                          {"uid": self.uid["alice"], "category": family})
@@ -495,18 +509,21 @@ class FriendTests(ListTestCase):
         self.assertEqual(bob["friends"], [[self.uid["alice"], family]])
         self.assertGreater(alice["version"], before["alice"])
         self.assertGreater(bob["version"], before["bob"])
+        after = self.ok("GET", "/v1/friends/requests", "bob")
+        self.assertEqual(after["requests"], [])
+        self.assertGreater(after["version"], requests["version"])
         self.assertEqual(self.changed("alice"), [P.Changed("friends", alice["version"])])
-        self.assertEqual(self.changed("bob"), [P.Changed("friends", bob["version"])])
+        self.assertEqual(self.changed("bob"), [P.Changed("friends", bob["version"]),
+                                               P.Changed("requests", after["version"])])
         self.assertEqual(self.changed("carol"), [])
-        self.assertEqual(self.ok("GET", "/v1/friends/requests", "bob"), {"requests": []})
 
     def test_asking_again_replaces_the_request(self) -> None:
         """Asking twice leaves one pending request, with the later time."""
         self.ok("POST", "/v1/friends", "alice", {"uid": self.uid["bob"]}, 202)
         self.h.reactor.advance(30)
         self.ok("POST", "/v1/friends", "alice", {"uid": self.uid["bob"]}, 202)
-        self.assertEqual(self.ok("GET", "/v1/friends/requests", "bob"),
-                         {"requests": [{"uid": self.uid["alice"], "ts": NOW + 30}]})
+        self.assertEqual(self.ok("GET", "/v1/friends/requests", "bob")["requests"],
+                         [{"uid": self.uid["alice"], "ts": NOW + 30}])
 
     def test_requests_oldest_first(self) -> None:
         """Pending requests are listed oldest first."""
@@ -537,7 +554,9 @@ class FriendTests(ListTestCase):
         self.refused("POST", "/v1/friends", "alice",
                      {"uid": self.uid["dave"], "category": "x"}, 400, "'category'")
         self.assertEqual(self.versions("alice"), before)
-        self.assertEqual(self.ok("GET", "/v1/friends/requests", "dave"), {"requests": []})
+        self.assertEqual(self.ok("GET", "/v1/friends/requests", "dave"),
+                         {"version": 1, "requests": []})
+        self.assertEqual(self.changed("dave"), [])
 
     def test_remove_friend_both_ways(self) -> None:
         """DELETE /v1/friends/<uid> is 204 and ends the friendship on both
@@ -587,6 +606,104 @@ class FriendTests(ListTestCase):
         self.befriend("alice", "bob")
         self.client["bob"].send(P.Bye())
         self.assertEqual(self.client["alice"].received(), [P.Presence(self.uid["bob"], False)])
+
+
+class RequestListTests(ListTestCase):
+    """GET /v1/friends/requests has a version, an ETag and CHANGED notices
+    like every other list: the receiver's version moves when a request to
+    them is made, withdrawn, declined or accepted."""
+
+    def requests(self, who: str) -> dict[str, Any]:
+        answer: dict[str, Any] = self.ok("GET", "/v1/friends/requests", who)
+        self.assertEqual(set(answer), {"version", "requests"})
+        return answer
+
+    def assert_moved(self, who: str, before: int, pending: list[str]) -> int:
+        """``who``'s request list moved past ``before``, holds requests from
+        ``pending``, and ``who``'s every connected device got CHANGED
+        "requests" with the new version, once; the new version."""
+        after = self.requests(who)
+        self.assertGreater(after["version"], before)
+        self.assertEqual([r["uid"] for r in after["requests"]], [self.uid[n] for n in pending])
+        self.assertEqual(self.changed(who), [P.Changed("requests", after["version"])])
+        self.assertEqual(self.versions(who)["requests"], after["version"])
+        return int(after["version"])
+
+    def test_etag_and_not_modified(self) -> None:
+        """The list answers with the ETag of its version; If-None-Match
+        with it is 304 without a body; a new request makes it 200 again."""
+        tag = self.etag("/v1/friends/requests", "bob")
+        self.assertEqual(tag, f'"{self.requests("bob")["version"]}"')
+        code, _, body = self.raw("GET", "/v1/friends/requests", "bob", if_none_match=tag)
+        self.assertEqual((code, body), (304, b""))
+        self.ok("POST", "/v1/friends", "alice", {"uid": self.uid["bob"]}, 202)
+        code, _, body = self.raw("GET", "/v1/friends/requests", "bob", if_none_match=tag)
+        self.assertEqual(code, 200)
+        self.assertEqual(json.loads(body), self.requests("bob"))
+
+    def test_new_request(self) -> None:
+        """A new request moves the receiver's version (CHANGED "requests" to
+        the receiver's connected devices, both of them); the sender's
+        request list and everyone else's stay."""
+        tablet = self.h.connect()
+        tablet.login("bob", device=named_device("bob-tablet"))
+        self.drain()
+        before = {n: self.requests(n)["version"] for n in NAMES}
+        self.ok("POST", "/v1/friends", "alice", {"uid": self.uid["bob"]}, 202)
+        version = self.assert_moved("bob", before["bob"], ["alice"])
+        self.assertEqual([p for p in tablet.received() if isinstance(p, P.Changed)],
+                         [P.Changed("requests", version)])
+        for name in ("alice", "carol", "dave"):
+            self.assertEqual(self.requests(name)["version"], before[name])
+            self.assertEqual(self.changed(name), [])
+
+    def test_withdraw(self) -> None:
+        """The sender withdrawing the request (DELETE /v1/friends/<uid>)
+        moves the receiver's version and tells the receiver."""
+        self.ok("POST", "/v1/friends", "alice", {"uid": self.uid["bob"]}, 202)
+        before = self.requests("bob")["version"]
+        self.drain()
+        code, _ = self.call("DELETE", f"/v1/friends/{self.uid['bob']}", "alice")
+        self.assertEqual(code, 204)
+        self.assert_moved("bob", before, [])
+        self.assertEqual(self.changed("alice"), [])
+
+    def test_decline(self) -> None:
+        """The receiver declining the request (DELETE /v1/friends/<uid>)
+        moves the receiver's version; no friend list moves."""
+        self.ok("POST", "/v1/friends", "carol", {"uid": self.uid["bob"]}, 202)
+        self.ok("POST", "/v1/friends", "alice", {"uid": self.uid["bob"]}, 202)
+        before = self.versions("bob")
+        self.drain()
+        code, _ = self.call("DELETE", f"/v1/friends/{self.uid['alice']}", "bob")
+        self.assertEqual(code, 204)
+        self.assert_moved("bob", before["requests"], ["carol"])
+        self.assertEqual(self.versions("bob")["friends"], before["friends"])
+        self.assertEqual(self.changed("alice") + self.changed("carol"), [])
+
+    def test_accept(self) -> None:
+        """Accepting (POST /v1/friends for the asking user) moves the
+        receiver's request version besides both friend lists."""
+        self.ok("POST", "/v1/friends", "alice", {"uid": self.uid["bob"]}, 202)
+        before = self.requests("bob")["version"]
+        alice_before = self.requests("alice")["version"]
+        self.drain()
+        self.ok("POST", "/v1/friends", "bob", {"uid": self.uid["alice"]})
+        after = self.requests("bob")
+        self.assertGreater(after["version"], before)
+        self.assertEqual(after["requests"], [])
+        self.assertEqual([p.what for p in self.changed("bob")], ["friends", "requests"])
+        self.assertEqual([p.what for p in self.changed("alice")], ["friends"])
+        self.assertEqual(self.requests("alice")["version"], alice_before)
+
+    def test_refusals_move_nothing(self) -> None:
+        """Refused requests and removals leave every request list as it is."""
+        before = {n: self.requests(n)["version"] for n in NAMES}
+        self.refused("POST", "/v1/friends", "alice", {"uid": 999}, 404)
+        self.refused("POST", "/v1/friends", "alice", {"uid": self.uid["alice"]}, 400)
+        self.refused("DELETE", f"/v1/friends/{self.uid['bob']}", "alice", None, 404)
+        self.assertEqual({n: self.requests(n)["version"] for n in NAMES}, before)
+        self.assertEqual([self.changed(n) for n in NAMES], [[]] * len(NAMES))
 
 
 class CategoryTests(ListTestCase):

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import io
 import json
 import os
 import secrets
 import signal
 import sys
-import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -28,7 +25,7 @@ from zope.interface import implementer
 import im58d.logging as imlog
 from im58d.wire import packets as P
 
-from .e2e import TIMEOUT, Daemon, admin, connect
+from .e2e import TIMEOUT, Daemon, admin, connect, new_device, nonce_now, resume_for
 
 
 @implementer(ILogObserver)
@@ -242,15 +239,17 @@ class _HTTP(Protocol):
 
 
 @inlineCallbacks
-def http(port: int, method: str, target: str, token: str = "", body: Any = None) -> Any:
+def http(port: int, method: str, target: str, token: str = "", body: Any = None,
+         headers: dict[str, str] | None = None) -> Any:
     """``(status, json or None)`` of one request to the daemon."""
-    headers = [f"{method} {target} HTTP/1.0", "Host: 127.0.0.1"]
+    lines = [f"{method} {target} HTTP/1.0", "Host: 127.0.0.1"]
     content = json.dumps(body).encode() if body is not None else b""
     if token:
-        headers.append(f"Authorization: Bearer {token}")
+        lines.append(f"Authorization: Bearer {token}")
     if body is not None:
-        headers += ["Content-Type: application/json", f"Content-Length: {len(content)}"]
-    protocol = _HTTP("\r\n".join(headers).encode() + b"\r\n\r\n" + content)
+        lines += ["Content-Type: application/json", f"Content-Length: {len(content)}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    protocol = _HTTP("\r\n".join(lines).encode() + b"\r\n\r\n" + content)
     yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
     protocol.done.addTimeout(TIMEOUT, reactor)
     answer = yield protocol.done
@@ -276,16 +275,24 @@ def unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 class NoSecretInTheLogTests(TestCase):
     timeout = 90
 
     @inlineCallbacks
     def test_json_log_of_a_real_daemon(self) -> Any:
         """With [log] format = json every line the daemon writes is one JSON
-        object, and after logins good and bad (TCP and HTTP), a RESUME, HTTP
-        requests with tokens (in the header, in a query, in a fragment) and
-        admin requests, no password, token, session key, proof or the admin
-        token appears in the output in any encoding."""
+        object, and after logins good and bad of several devices (TCP and
+        HTTP), RESUMEs accepted and refused, HTTP requests with tokens (in
+        the header, in a query, in a fragment), ``GET /v1/devices`` and a
+        device signed out, admin requests, then a restart and RESUMEs, a
+        replayed one and requests with the old tokens after it, no
+        password, token, session key, proof or the admin token appears in
+        the output of either run in any encoding.  (Device ids are not
+        secrets: the access log shows the one in a DELETE's path.)"""
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         admin_token = "adm-" + secrets.token_urlsafe(24)
@@ -297,45 +304,77 @@ class NoSecretInTheLogTests(TestCase):
         daemon = Daemon(directory, extra=["--config", config])
         self.addCleanup(daemon.cleanup)
         yield daemon.start()
-        out, err, code = yield admin(daemon.database, "user", "add", "alice",
-                                     "--password", password)
-        self.assertEqual(code, 0, err)
+        for name in ("alice", "bob"):
+            out, err, code = yield admin(daemon.database, "user", "add", name,
+                                         "--password", password)
+            self.assertEqual(code, 0, err)
+        yield admin(daemon.database, "friend", "add", "alice", "bob")
         found: list[str | bytes] = [password, wrong, admin_token]
 
-        # the long connection: a good LOGIN, a bad one, a RESUME
+        # the long connection: good LOGINs of two devices, a bad one, RESUMEs
+        phone, tablet = new_device(), new_device()
         client = yield connect(daemon.access_port)
-        client.send(P.Login("alice", password, "phone"))
-        welcome = yield client.next()
-        self.assertIsInstance(welcome, P.Welcome)
+        welcome, _ = yield client.login("alice", password, phone, "phone")
         found += [welcome.session_key, welcome.token]
+        second = yield connect(daemon.access_port)
+        other, _ = yield second.login("alice", password, tablet, "tablet")
+        found += [other.session_key, other.token]
+        friend = yield connect(daemon.access_port)
+        bobs, _ = yield friend.login("bob", password, new_device(), "bob's phone")
+        found += [bobs.session_key, bobs.token]
         bad = yield connect(daemon.access_port)
-        bad.send(P.Login("alice", wrong, "phone"))
+        bad.send(P.Login("alice", wrong, phone, "phone"))
         self.assertEqual((yield bad.next()).code, 401)
         client.transport.loseConnection()
         yield client.lost
         resumer = yield connect(daemon.access_port)
-        ts, nonce = int(time.time()), secrets.token_bytes(8)
-        mac = hmac.new(welcome.session_key, welcome.session_id + ts.to_bytes(8, "big") + nonce,
-                       hashlib.sha256).digest()[:16]
-        found.append(mac)
-        resumer.send(P.Resume(welcome.session_id, ts, nonce, mac))
-        self.assertIsInstance((yield resumer.next()), P.Resumed)
+        accepted = resume_for(welcome)
+        found.append(accepted.mac)
+        resumer.send(accepted)
+        self.assertIsInstance((yield resumer.expect(P.Resumed)), P.Resumed)
+        refused = yield connect(daemon.access_port)
+        forged = accepted._replace(nonce=nonce_now().to_bytes(8, "big"),
+                                   mac=secrets.token_bytes(16))
+        found.append(forged.mac)
+        refused.send(accepted, forged)  # a replay, a wrong proof
+        self.assertEqual((yield refused.expect(P.Error)).code, 409)
+        self.assertEqual((yield refused.expect(P.Error)).code, 409)
 
         # HTTP: logins, the session token in a header, a query and a fragment
         port = daemon.http_port
-        status, answer = yield http(port, "POST", "/v1/login",
-                                    body={"user": "alice", "password": password})
-        self.assertEqual(status, 200)
+        laptop = new_device()
+        status, answer = yield http(port, "POST", "/v1/login", body={
+            "user": "alice", "password": password, "device_id": b64url(laptop),
+            "device_name": "laptop"})
+        self.assertEqual(status, 200, answer)
         token = answer["token"]
-        found += [token, unb64(answer["session_key"])]
-        status, _ = yield http(port, "POST", "/v1/login",
-                               body={"user": "alice", "password": wrong})
+        pulled = P.Welcome(answer["uid"], unb64(answer["session_id"]),
+                           unb64(answer["session_key"]), token, 0, 0, 0, 0, 0, 0)
+        found += [token, pulled.session_key]
+        status, _ = yield http(port, "POST", "/v1/login", body={
+            "user": "alice", "password": wrong, "device_id": b64url(laptop)})
         self.assertEqual(status, 401)
         status, _ = yield http(port, "GET", "/v1/versions", token=token)
         self.assertEqual(status, 200)
         status, _ = yield http(port, "GET", f"/v1/inbox?after=0&token={token}", token=token)
         self.assertEqual(status, 200)
         yield http(port, "GET", f"/v1/versions?{token}#{token}")
+        # the devices: listed (and again with the ETag), one signed out
+        status, listed = yield http(port, "GET", "/v1/devices", token=token)
+        self.assertEqual(status, 200, listed)
+        self.assertEqual({unb64(d["id"]) for d in listed["devices"]}, {phone, tablet, laptop})
+        status, _ = yield http(port, "GET", "/v1/devices", token=token,
+                               headers={"If-None-Match": f'"{listed["version"]}"'})
+        self.assertIn(status, (200, 304))
+        yield http(port, "GET", f"/v1/devices?token={other.token}#{other.token}")
+        status, _ = yield http(port, "DELETE", f"/v1/devices/{b64url(tablet)}", token=token)
+        self.assertEqual(status, 204)
+        kicked = yield second.next()
+        while isinstance(kicked, P.Changed | P.Presence):  # what else it was told
+            kicked = yield second.next()
+        self.assertEqual(kicked, P.Kicked(P.KICKED_SIGNED_OUT))
+        status, _ = yield http(port, "GET", "/v1/devices", token=other.token)
+        self.assertEqual(status, 401)
         # admin: the right token, a wrong one, the token in a query and fragment
         wrong_admin = "adm-" + secrets.token_urlsafe(24)
         found.append(wrong_admin)
@@ -345,12 +384,31 @@ class NoSecretInTheLogTests(TestCase):
         yield http(port, "GET", f"/admin?token={admin_token}#{admin_token}")
         yield http(port, "GET", f"/v1/stats?key={admin_token}&days=1", token=admin_token)
 
+        # a restart: the sessions resume, the tokens still work
+        ended = yield daemon.restart()
+        self.assertTrue(ended.clean, daemon.output.decode())
+        port = daemon.http_port
+        for session in (welcome, pulled):
+            again = yield connect(daemon.access_port)
+            packet = resume_for(session)
+            found.append(packet.mac)
+            again.send(packet)
+            self.assertIsInstance((yield again.expect(P.Resumed)), P.Resumed)
+        replay = yield connect(daemon.access_port)
+        replay.send(accepted)
+        self.assertEqual((yield replay.expect(P.Error)).code, 409)
+        status, _ = yield http(port, "GET", "/v1/devices", token=token)
+        self.assertEqual(status, 200)
+        status, _ = yield http(port, "GET", "/v1/versions", token=welcome.token)
+        self.assertEqual(status, 200)
+        status, _ = yield http(port, "DELETE", "/v1/devices/current", token=bobs.token)
+        self.assertEqual(status, 204)
+
         ended = yield daemon.stop()
         self.assertTrue(ended.clean, daemon.output.decode())
 
-        lines = daemon.output.splitlines()
         records = []
-        for line in lines:
+        for line in daemon.all_output.splitlines():
             record = json.loads(line)  # every line, not just most
             self.assertIsInstance(record, dict, line)
             self.assertIn("text", record)
@@ -358,11 +416,16 @@ class NoSecretInTheLogTests(TestCase):
         texts = "\n".join(r["text"] for r in records)
         # the log saw what happened (else its silence would prove nothing)
         self.assertIn("login uid=1 device='phone'", texts)
+        self.assertIn("login uid=1 device='laptop'", texts)
         self.assertIn('"GET /v1/inbox?after=0&* HTTP/1.0" 200', texts)
         self.assertIn('"GET /v1/versions HTTP/1.0" 200', texts)
+        self.assertIn('"GET /v1/devices HTTP/1.0" 200', texts)
+        self.assertIn('"GET /v1/devices?* HTTP/1.0"', texts)
+        self.assertIn(f'"DELETE /v1/devices/{b64url(tablet)} HTTP/1.0" 204', texts)
+        self.assertIn('"DELETE /v1/devices/current HTTP/1.0" 204', texts)
         self.assertIn('"GET /admin?* HTTP/1.0"', texts)
         self.assertIn('"POST /v1/login HTTP/1.0" 401', texts)
+        self.assertIn("devices online before linger here", texts)
         for secret in found:
             for shown in forms(secret):
-                self.assertNotIn(shown, daemon.output, f"{secret!r} is in the log")
-
+                self.assertNotIn(shown, daemon.all_output, f"{secret!r} is in the log")

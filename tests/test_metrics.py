@@ -83,8 +83,8 @@ class MetricsTestCase(SynchronousTestCase):
         )
         self.metrics.sample()
         self.site = make_site(
-            self.h.iplist, self.h.sessions, self.h.store, admin_token=self.admin_token,
-            metrics=self.metrics,
+            self.h.iplist, self.h.sessions, self.h.store, self.h.reactor,
+            admin_token=self.admin_token, metrics=self.metrics,
         )
         self.treq: Any = StubTreq(self.site.resource)
         self.alice_uid = add_user(self.h.store, "alice")
@@ -149,6 +149,26 @@ class ExpositionTests(MetricsTestCase):
         self.assertEqual(self.value("im58d_connections"), 2)
         self.assertEqual(self.value("im58d_sessions", state="online"), 1)
         self.assertEqual(self.value("im58d_sessions", state="lingering"), 1)
+
+    def test_sessions_count_devices(self) -> None:
+        """Sessions are counted per device: a user on three devices counts
+        three; a device that dropped lingers, one that said BYE or was signed
+        in over HTTP only (offline) counts nowhere."""
+        devices = [self.alice]
+        for name in (b"alice-tablet....", b"alice-laptop...."):
+            client = self.h.connect()
+            client.login("alice", device=name)
+            devices.append(client)
+        self.assertEqual(self.value("im58d_sessions", state="online"), 4)
+        devices[1].drop()
+        devices[2].send(P.Bye())
+        devices[2].drop()  # the client closes its side after BYE
+        self.h.http("POST", "/v1/login", body={
+            "user": "alice", "password": "pw", "device_id": "YWxpY2Utd2ViLi4uLi4uLg"})
+        self.assertEqual(self.value("im58d_sessions", state="online"), 2)
+        self.assertEqual(self.value("im58d_sessions", state="lingering"), 1)
+        self.assertEqual(self.value("im58d_connections"), 2)
+        self.assertEqual(self.metrics.summary()["sessions"], {"online": 2, "lingering": 1})
 
     def test_message_counters_move(self) -> None:
         """Messages in and out, acks both ways, de-dup hits and retransmits
@@ -246,7 +266,8 @@ class HistogramTests(MetricsTestCase):
     def test_batch_size(self) -> None:
         """A message batch counts its messages and acks; any other operation one."""
         batch = [
-            (deliver_txn, ([(1, 1, 2, "a", 1), (1, 2, 2, "b", 1)], [(2, 1)], 0, False), None, True),
+            (deliver_txn, ([(1, 1, 1, 2, "a", 1), (1, 1, 2, 2, "b", 1)], [(2, 2, 1)], 0, False),
+             None, True),
             (len, ("x",), None, False),
         ]
         self.assertEqual(batch_size(batch), 4)
@@ -262,7 +283,7 @@ class HistogramTests(MetricsTestCase):
         """A failing observation is logged; the commit's results still go out."""
         self.patch(self.metrics, "commit_size", None)
         self.alice.send(P.MsgR(1, self.bob_uid, "hi"))
-        self.assertEqual(self.alice.received(), [P.MsgA(1, 1, int(self.h.reactor.seconds()))])
+        self.assertEqual(self.alice.received(), [P.MsgA(1, 1, 1)])
         self.assertTrue(self.flushLoggedErrors(AttributeError))
 
 

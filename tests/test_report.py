@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import sqlite3
 import zlib
@@ -30,6 +31,7 @@ from im58d.web.resource import HTTPError
 from im58d.web.root import make_site
 
 from .support import NOW, Harness, add_user
+from .test_messages import b64, named_device
 
 URL = "http://im58d.test"
 ADMIN = "admin-secret"
@@ -48,7 +50,8 @@ def batch(batch_id: str = "dev1-1", counts: dict[str, int] | None = None,
 class ReportCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.h = Harness()
-        self.site = make_site(self.h.iplist, self.h.sessions, self.h.store, admin_token=ADMIN)
+        self.site = make_site(self.h.iplist, self.h.sessions, self.h.store, self.h.reactor,
+                              admin_token=ADMIN)
         self.treq: Any = StubTreq(self.site.resource)
         self.alice_uid = add_user(self.h.store, "alice")
         self.bob_uid = add_user(self.h.store, "bob")
@@ -56,9 +59,11 @@ class ReportCase(SynchronousTestCase):
         self.bob = self.login("bob")
 
     def login(self, user: str) -> str:
-        code, answer = self.h.http("POST", "/v1/login",
-                                   body={"user": user, "password": "pw", "device": "t"})
-        self.assertEqual(code, 200)
+        """A session for the user's device signed in over POST /v1/login: its
+        bearer token (the device stays offline)."""
+        code, answer = self.h.http("POST", "/v1/login", body={
+            "user": user, "password": "pw", "device_id": b64(named_device(f"{user}-reports"))})
+        self.assertEqual(code, 200, answer)
         token: str = answer["token"]
         return token
 
@@ -95,11 +100,9 @@ class ReportCase(SynchronousTestCase):
         return self.request("POST", "/v1/report", data, all_headers)
 
     def advance(self, seconds: float) -> None:
-        """Let time pass; the sessions of /v1/login linger only 300 s, so
-        alice and bob log in again."""
+        """Let time pass; the sessions of /v1/login last (their devices are
+        offline), so alice and bob keep their tokens."""
         self.h.reactor.advance(seconds)
-        self.alice = self.login("alice")
-        self.bob = self.login("bob")
 
     def stats(self, key: str, days: int = 1) -> list[dict[str, Any]]:
         d = self.h.store.stats(key, days, int(self.h.reactor.seconds()))
@@ -537,6 +540,7 @@ class StoreTests(ReportCase):
             "INSERT INTO report_counts VALUES ('2027-01-01', 'k', 9);"
             "INSERT INTO report_users VALUES ('2027-01-01', 'k', 1), ('2027-01-01', 'k', 2);")
         conn.close()
+        os.chmod(path, 0o600)
         db = open_database(path)
         self.assertEqual(db.execute("SELECT count, users FROM report_counts").fetchall(),
                          [(9, 2)])

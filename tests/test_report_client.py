@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import stat
 from typing import Any, cast
 
 import msgpack
@@ -18,11 +19,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from im58d.access.protocol import AccessProtocol
 from im58d.client import Reporter, ReportFile, ReportState
 from im58d.client.report import MAX_KEYS, encode_batch
 
 from .support import NOW, Harness, add_user
-from .test_client import HTTP_URL, SDKTestCase
+from .test_client import DEVICE_ID, HTTP_URL, SDKTestCase
 
 
 class Session:
@@ -82,7 +84,8 @@ class RecorderCase(SynchronousTestCase):
 
     def token(self) -> str:
         code, answer = self.h.http("POST", "/v1/login",
-                                   body={"user": "alice", "password": "pw", "device": "t"})
+                                   body={"user": "alice", "password": "pw",
+                                         "device_id": DEVICE_ID, "device_name": "t"})
         assert code == 200
         token: str = answer["token"]
         return token
@@ -331,8 +334,9 @@ class RetryTests(RecorderCase):
         self.assertEqual((http.posts, len(reporter.pending)), ([], 1))
 
     def test_old_and_surplus_batches_dropped(self) -> None:
-        """Batches older than max_age, or past max_pending, are dropped."""
-        reporter, http = self.reporter(401, max_pending=2, max_age=3600)
+        """Batches older than max_age, or past max_pending, are dropped
+        (the server answers 401 until the next login)."""
+        reporter, http = self.reporter(401, 401, 401, max_pending=2, max_age=3600)
         for key in ("a", "b", "c"):
             reporter.record(key)
             reporter.flush()
@@ -379,6 +383,18 @@ class PersistenceTests(RecorderCase):
                          ((1, 1), (2, 1), (1, 1)))
         with open(path, encoding="utf-8") as f:
             self.assertEqual(json.load(f)["pending"], [])
+
+    def test_state_file_is_private(self) -> None:
+        """The state file is written with mode 0600, also over a file that
+        had another mode."""
+        path = self.mktemp()
+        state = ReportFile(path)
+        state.take_id()
+        state.save()
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        os.chmod(path, 0o644)
+        state.save()
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
 
     def test_batch_ids_unique_per_device(self) -> None:
         """Ids are "<device>-<n>": n grows across restarts; a new device (or
@@ -448,8 +464,12 @@ class ClientHookTests(SDKTestCase):
         self.settle()
         self.successResultOf(stopped)
         self.assertEqual(self.counted("click"), 7)
-        self.assertIsNone(self.h.router.session_for(self.alice_uid))
-        self.assertEqual(self.h.reactor.getDelayedCalls(), [])
+        self.assertIsNone(self.h.router.user(self.alice_uid))  # offline: BYE
+        # no timer of the client or the reporter is left (the server's
+        # connection may still wait out its close)
+        self.assertEqual([call for call in self.h.reactor.getDelayedCalls()
+                          if not isinstance(getattr(call.func, "__self__", None),
+                                            AccessProtocol)], [])
 
     def test_exit_does_not_wait_forever(self) -> None:
         """When the report cannot go, stop() says BYE after exit_timeout and
@@ -464,5 +484,5 @@ class ClientHookTests(SDKTestCase):
         self.h.reactor.advance(5)
         self.settle()
         self.successResultOf(stopped)
-        self.assertIsNone(self.h.router.session_for(self.alice_uid))
+        self.assertIsNone(self.h.router.user(self.alice_uid))  # offline: BYE
         self.assertEqual(len(reporter.pending), 1)

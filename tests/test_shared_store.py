@@ -1,12 +1,14 @@
-"""Two real daemons (nodes) on one SQLite database file.
+"""Two real daemons (nodes) on one SQLite database file, without Redis.
 
 Each node has its own ports, its own database connection and its own
 database thread; the file is shared, in WAL mode.  Seqs and message ids are
 given out inside ``BEGIN IMMEDIATE`` transactions (``deliver_txn``), so they
-stay atomic across the processes: every receiver's inbox is 1..N without a
-gap or a repeat, whichever node stored each message.  There is no routing
-between nodes yet: a node pushes only what it stored itself, and a receiver
-finds the rest with a pull (its own node reads the shared store).
+stay atomic across the processes: every timeline (a receiver's, and a
+sender's, which holds what the user sent from each of their devices) is
+1..N without a gap or a repeat, whichever node stored each entry.  There is
+no routing between nodes here (``[routing] backend = local``): a node
+pushes only what it stored itself, and a device finds the rest with a pull
+(its own node reads the shared store).
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ from im58d.store.accounts import add_user_txn, make_friends_txn
 from im58d.store.sqlite import open_database
 from im58d.wire import packets as P
 
-from .e2e import TIMEOUT, Daemon, PacketClient, admin, connect, until
+from .e2e import TIMEOUT, Daemon, PacketClient, admin, connect, new_device, until
 
 log = Logger()
 
 NODES = ("a", "b")
-# which node each sender logs in on
-SENDERS = {"s0": "a", "s1": "a", "s2": "b", "s3": "b"}
+# the sending devices, (user, node): s0 has one on each node, and both
+# count their cmids from 1 (de-duplication is per device)
+SENDERS = (("s0", "a"), ("s1", "a"), ("s0", "b"), ("s2", "b"))
+SENDER_NAMES = ("s0", "s1", "s2")
 RECEIVERS = ("r0", "r1", "r2")
 # MSG_Rs a sender keeps on the wire without their MSG_A: both nodes keep
 # committing small batches at the same time, so they contend for the lock
@@ -72,19 +76,21 @@ def make_users(path: str, names: Sequence[str],
     return uids
 
 
-def body(name: str, cmid: int) -> str:
-    return f"{name}:{cmid}"
+def body(name: str, node: str, cmid: int) -> str:
+    return f"{name}@{node}:{cmid}"
 
 
 class Sender(PacketClient):
-    """A bare wire client that, once logged in, sends ``count`` messages to
-    ``receivers`` in turn as fast as the node answers: ``window`` MSG_Rs wait
-    for their MSG_A at any time.  It records every MSG_A and ACK_N."""
+    """A bare wire client, one device of user ``name``, that once signed in
+    sends ``count`` messages to ``receivers`` in turn as fast as the node
+    answers: ``window`` MSG_Rs wait for their MSG_A at any time.  It records
+    every MSG_A and ACK_N."""
 
     def __init__(self, name: str, node: str, receivers: Sequence[int], count: int) -> None:
         super().__init__()
         self.name = name
         self.node = node
+        self.device_id = new_device()
         self.receivers = list(receivers)
         self.count = count
         self.uid = 0
@@ -93,16 +99,20 @@ class Sender(PacketClient):
         self.next_cmid = 1
         self.answers: dict[int, P.MsgA] = {}  # cmid -> its MSG_A
         self.repeats = 0  # MSG_As for a cmid answered before
-        self.acks_n: dict[int, int] = {}  # msg_id -> cmid
+        self.acks_n: list[int] = []  # the seqs ACK_N named, in order
+        self.changed: list[P.Changed] = []
         self.others: list[Any] = []
         self.done: Deferred[None] = Deferred()
 
+    def __repr__(self) -> str:
+        return f"<{self.name} on {self.node}>"
+
     @inlineCallbacks
-    def login(self) -> Any:
-        self.send(P.Login(self.name, "pw", "shared-store"))
-        welcome = yield self.next()
-        if not isinstance(welcome, P.Welcome):
-            raise AssertionError(f"{self.name}: {welcome}")
+    def sign_in(self) -> Any:
+        welcome, online = yield self.login(self.name, "pw", self.device_id, f"{self.node}")
+        # a new device: nothing sent from it yet, its cursor at the start
+        if (welcome.last_cmid, welcome.acked, online) != (0, 0, P.Online(())):
+            raise AssertionError(f"{self}: {welcome} {online}")
         self.uid, self.token = welcome.uid, welcome.token
 
     def go(self) -> Deferred[None]:
@@ -127,11 +137,16 @@ class Sender(PacketClient):
     def to(self, cmid: int) -> int:
         return self.receivers[cmid % len(self.receivers)]
 
+    def seqs(self) -> list[int]:
+        """The seqs of this device's messages in its user's timeline (MSG_A),
+        in cmid order."""
+        return [self.answers[cmid].seq for cmid in sorted(self.answers)]
+
     def _send_next(self) -> None:
         if self.next_cmid <= self.count:
             cmid = self.next_cmid
             self.next_cmid += 1
-            self.send(P.MsgR(cmid, self.to(cmid), body(self.name, cmid)))
+            self.send(P.MsgR(cmid, self.to(cmid), body(self.name, self.node, cmid)))
 
     def dataReceived(self, data: bytes) -> None:
         if not self.sending:
@@ -147,11 +162,15 @@ class Sender(PacketClient):
                 if len(self.answers) == self.count and not self.done.called:
                     self.done.callback(None)
             elif isinstance(packet, P.AckN):
-                self.acks_n[packet.msg_id] = packet.cmid
+                self.acks_n.append(packet.seq)
+            elif isinstance(packet, P.Changed):
+                # the device list moved (the user's other device signed in
+                # on the other node): a node's housekeeping tells it
+                self.changed.append(packet)
             else:
                 self.others.append(packet)
                 if isinstance(packet, P.Error) and not self.done.called:
-                    self.done.errback(AssertionError(f"{self.name} on {self.node}: {packet}"))
+                    self.done.errback(AssertionError(f"{self}: {packet}"))
 
 
 class TwoNodes(TestCase):
@@ -165,7 +184,7 @@ class TwoNodes(TestCase):
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
         self.database = os.path.join(base, "shared.sqlite")
-        self.uids = make_users(self.database, [*SENDERS, *RECEIVERS])
+        self.uids = make_users(self.database, [*SENDER_NAMES, *RECEIVERS])
         self.nodes: dict[str, Daemon] = {}
         for name in NODES:
             node = Daemon(os.path.join(base, name))
@@ -188,13 +207,13 @@ class TwoNodes(TestCase):
     @inlineCallbacks
     def senders(self, receivers: Sequence[int], count: int) -> Any:
         senders = []
-        for name, node in SENDERS.items():
+        for name, node in SENDERS:
             sender = Sender(name, node, receivers, count)
             yield connect_with(self.nodes[node].access_port, sender)
             self.addCleanup(_close, sender)
             # after a failure, the others' waits (and their timeouts) end too
             self.addCleanup(_stop_waiting, sender)
-            yield sender.login()
+            yield sender.sign_in()
             senders.append(sender)
         return senders
 
@@ -202,6 +221,16 @@ class TwoNodes(TestCase):
         db = sqlite3.connect(self.database)
         self.addCleanup(db.close)
         return db
+
+    @staticmethod
+    def device_keys(db: sqlite3.Connection, senders: Iterable[Sender]) -> dict[int, Sender]:
+        """The store's key of each sender's device (``messages.device``)."""
+        keys = {}
+        for sender in senders:
+            (key,) = db.execute("SELECT id FROM devices WHERE uid = ? AND device_id = ?",
+                                (sender.uid, sender.device_id)).fetchone()
+            keys[key] = sender
+        return keys
 
     @inlineCallbacks
     def get(self, node: str, path: str, token: str) -> Any:
@@ -271,16 +300,26 @@ def _close(client: PacketClient) -> Deferred[None]:
     return client.lost
 
 
+def switches(labels: Sequence[str]) -> int:
+    """How often the sequence changes from one label to another."""
+    return sum(1 for x, y in zip(labels, labels[1:], strict=False) if x != y)
+
+
 class SeqAllocationTests(TwoNodes):
     @inlineCallbacks
     def test_concurrent_senders_on_both_nodes(self) -> Any:
-        """Two senders on node a and two on node b send messages as fast as the
-        nodes answer (200 each at least) to the same three receivers, and go
-        on until im58d-admin, run meanwhile, has added a user: every message
-        is in its receiver's inbox exactly once, the seqs are 1..N (N =
-        inboxes.max_seq), every sender has a MSG_A with a distinct msg_id for
-        each message, both nodes let the new user log in, and neither node
-        logged a failed transaction or a locked database."""
+        """Two sending devices on node a and two on node b (s0 has one on
+        each, both counting cmids from 1) send messages as fast as the nodes
+        answer (200 each at least) to the same three receivers, and go on
+        until im58d-admin, run meanwhile, has added a user.  Every message is
+        stored once (the same cmid from s0's two devices is two messages):
+        every device has a MSG_A with a distinct msg_id for each message and
+        no ERROR; each receiver's timeline is 1..N with each of its messages
+        once; each sender's timeline is 1..N too, holding exactly what the
+        user's devices sent, at the seqs their MSG_As named (s0's from both
+        nodes, interleaved); both nodes let the new user sign in a new
+        device; neither node logged a failed transaction or a locked
+        database."""
         per_sender = 200
         receivers = [self.uids[name] for name in RECEIVERS]
         # senders go on until im58d-admin has written, and 200 messages at least
@@ -300,86 +339,116 @@ class SeqAllocationTests(TwoNodes):
         elapsed = reactor.seconds() - started
         late = int(out)
         self.assertNotIn(late, self.uids.values())
-        # both nodes see the new user at once: it logs in on each
+        # both nodes see the new user at once: a device of it signs in on each
         for node in NODES:
             client = yield connect(self.nodes[node].access_port)
             self.addCleanup(_close, client)
-            client.send(P.Login("late", "pw", node))
-            welcome = yield client.next()
-            self.assertIsInstance(welcome, P.Welcome, node)
-            self.assertEqual((welcome.uid, welcome.inbox_max), (late, 0), node)
+            welcome, online = yield client.login("late", "pw")
+            self.assertEqual((welcome.uid, welcome.inbox_max, welcome.last_cmid, welcome.acked,
+                              online), (late, 0, 0, 0, P.Online(())), node)
 
-        # every sender: one MSG_A per message, no repeat, no error
-        msg_ids: dict[tuple[int, int], int] = {}
+        # every device: one MSG_A per message, no repeat, no error
+        msg_ids: dict[tuple[bytes, int], int] = {}
         for sender in senders:
             self.assertGreaterEqual(sender.count, per_sender)
-            self.assertEqual(sorted(sender.answers), list(range(1, sender.count + 1)), sender.name)
-            self.assertEqual((sender.repeats, sender.others), (0, []), sender.name)
+            self.assertEqual(sorted(sender.answers), list(range(1, sender.count + 1)), sender)
+            self.assertEqual((sender.repeats, sender.others, sender.acks_n), (0, [], []),
+                             sender)
             for cmid, msg_a in sender.answers.items():
-                msg_ids[(sender.uid, cmid)] = msg_a.msg_id
+                msg_ids[(sender.device_id, cmid)] = msg_a.msg_id
+            # one connection, in cmid order: its entries in the timeline too
+            seqs = sender.seqs()
+            self.assertEqual(seqs, sorted(seqs), sender)
         total = sum(sender.count for sender in senders)
         self.assertEqual(len(set(msg_ids.values())), total)
 
         db = self.db()
         self.assertEqual(db.execute("PRAGMA integrity_check").fetchone()[0], "ok")
         self.assertEqual(db.execute("SELECT count(*) FROM messages").fetchone()[0], total)
-        self.assertEqual(db.execute("SELECT count(*) FROM inbox").fetchone()[0], total)
-        node_of = {self.uids[name]: node for name, node in SENDERS.items()}
-        name_of = {uid: name for name, uid in self.uids.items()}
-        switches = {}
+        # an entry in the receiver's timeline and one in the sender's
+        self.assertEqual(db.execute("SELECT count(*) FROM inbox").fetchone()[0], 2 * total)
+        device_of = self.device_keys(db, senders)
+        mixed = {}
         for receiver in receivers:
             expected = {
-                (sender.uid, cmid) for sender in senders for cmid in sender.answers
+                (sender.device_id, cmid) for sender in senders for cmid in sender.answers
                 if sender.to(cmid) == receiver
             }
             n = len(expected)
             rows = db.execute(
-                "SELECT i.seq, i.msg_id, m.sender, m.cmid, m.kind, m.target, m.seq, m.body "
-                "FROM inbox i JOIN messages m ON m.id = i.msg_id "
+                "SELECT i.seq, i.msg_id, m.sender, m.device, m.cmid, m.kind, m.target, m.seq, "
+                "m.body FROM inbox i JOIN messages m ON m.id = i.msg_id "
                 "WHERE i.uid = ? ORDER BY i.seq",
                 (receiver,),
             ).fetchall()
             self.assertEqual([row[0] for row in rows], list(range(1, n + 1)), receiver)
-            self.assertEqual({(row[2], row[3]) for row in rows}, expected, receiver)
+            self.assertEqual({(device_of[row[3]].device_id, row[4]) for row in rows}, expected,
+                             receiver)
             self.assertEqual(len({row[1] for row in rows}), n, receiver)
-            for seq, msg_id, sender_uid, cmid, kind, target, message_seq, text in rows:
-                self.assertEqual((kind, target, message_seq), (0, receiver, seq))
-                self.assertEqual(msg_id, msg_ids[(sender_uid, cmid)])
-                self.assertEqual(text, body(name_of[sender_uid], cmid))
+            for seq, msg_id, sender_uid, device, cmid, kind, target, message_seq, text in rows:
+                sender = device_of[device]
+                self.assertEqual((sender_uid, kind, target, message_seq),
+                                 (sender.uid, 0, receiver, seq))
+                self.assertEqual(msg_id, msg_ids[(sender.device_id, cmid)])
+                self.assertEqual(text, body(sender.name, sender.node, cmid))
             head = db.execute(
                 "SELECT max_seq, acked_seq FROM inboxes WHERE uid = ?", (receiver,)
             ).fetchone()
             self.assertEqual(head, (n, 0), receiver)
-            nodes_in_order = [node_of[row[2]] for row in rows]
-            switches[receiver] = sum(
-                1 for x, y in zip(nodes_in_order, nodes_in_order[1:], strict=False) if x != y
-            )
-        # the nodes really stored at the same time: each inbox has runs of
-        # messages from both, interleaved
-        self.assertTrue(all(switches.values()), switches)
+            mixed[receiver] = switches([device_of[row[3]].node for row in rows])
+        for name in SENDER_NAMES:
+            uid = self.uids[name]
+            devices = [s for s in senders if s.name == name]
+            n = sum(s.count for s in devices)
+            rows = db.execute(
+                "SELECT i.seq, i.msg_id, m.sender, m.device, m.cmid, m.sender_seq "
+                "FROM inbox i JOIN messages m ON m.id = i.msg_id "
+                "WHERE i.uid = ? ORDER BY i.seq",
+                (uid,),
+            ).fetchall()
+            self.assertEqual([row[0] for row in rows], list(range(1, n + 1)), name)
+            for seq, msg_id, sender_uid, device, cmid, sender_seq in rows:
+                sender = device_of[device]
+                self.assertEqual((sender_uid, sender.name, sender_seq), (uid, name, seq))
+                self.assertEqual(sender.answers[cmid].msg_id, msg_id)
+                self.assertEqual(sender.answers[cmid].seq, seq)
+            head = db.execute(
+                "SELECT max_seq, acked_seq FROM inboxes WHERE uid = ?", (uid,)
+            ).fetchone()
+            self.assertEqual(head, (n, 0), name)
+            if len(devices) > 1:
+                mixed[uid] = switches([device_of[row[3]].node for row in rows])
+        # the nodes really stored at the same time: each timeline has runs
+        # of entries from both, interleaved (s0's own timeline too)
+        self.assertTrue(all(mixed.values()), mixed)
         latency = {}
         for node in NODES:
             latency[node] = yield self.commit_latency(node)
         yield self.stop_nodes()
         log.info(
             "shared store: {total} messages in {elapsed:.2f}s; im58d-admin done after "
-            "{admin:.2f}s; node switches per inbox: {switches}; commits (count, sum s, "
+            "{admin:.2f}s; node switches per timeline: {mixed}; commits (count, sum s, "
             "slowest <= s): {latency}",
-            total=total, elapsed=elapsed, admin=admin_done, switches=switches,
-            latency=latency,
+            total=total, elapsed=elapsed, admin=admin_done, mixed=mixed, latency=latency,
         )
 
 
 class CrossNodeDeliveryTests(TwoNodes):
     @inlineCallbacks
     def test_receiver_on_one_node_sender_on_both(self) -> Any:
-        """A receiver is logged in on node a and acks what it gets, while
-        senders on a and on b send to it.  Node a pushes what it stored (and
-        the receiver pulls the gaps b left); b pushes nothing, since routing
-        between nodes does not exist yet.  Afterwards a pull over HTTP from a
-        returns every message once, seqs 1..N; the ack cursor is what the
-        receiver showed; senders learn delivery (ACK_N on a, /v1/status on
-        b, from the shared store)."""
+        """A receiver's device is signed in on node a and acks what it gets,
+        while the sending devices on a and on b send to it.  Node a pushes
+        what it stored (and the receiver pulls the gaps b left); b pushes
+        nothing, since there is no routing between nodes here.  Afterwards a
+        pull over HTTP returns every message once, seqs 1..N, with no ``to``
+        and no ``delivered`` (they are received, not sent), the same from
+        either node (the bearer token works on both); the receiver showed
+        each once, in seq order; its cursor is what it showed.  Senders
+        learn delivery: the devices on node a by ACK_N naming their own seqs
+        (s0's device there for the messages of s0's device on b too, as
+        they are entries of the same timeline), the devices on b by nothing
+        (no routing) but POST /v1/status on either node (the shared
+        store)."""
         per_sender = 100
         shown: list[Message] = []
         receiver = Client(
@@ -394,18 +463,22 @@ class CrossNodeDeliveryTests(TwoNodes):
         yield gatherResults([sender.go() for sender in senders], consumeErrors=True)
         total = len(SENDERS) * per_sender
         db = self.db()
+        device_of = self.device_keys(db, senders)
 
         def stored_by(node: str) -> list[int]:
-            uids = [s.uid for s in senders if s.node == node]
-            marks = ",".join("?" * len(uids))
+            keys = [key for key, s in device_of.items() if s.node == node]
+            marks = ",".join("?" * len(keys))
             return [row[0] for row in db.execute(
-                f"SELECT seq FROM messages WHERE target = ? AND sender IN ({marks})",
-                (uid, *uids),
+                f"SELECT seq FROM messages WHERE target = ? AND device IN ({marks})",
+                (uid, *keys),
             )]
 
-        def acked() -> int:
-            return int(db.execute(
-                "SELECT acked_seq FROM inboxes WHERE uid = ?", (uid,)).fetchone()[0])
+        def acked() -> tuple[int, int]:
+            """The user's cursor (the highest of its devices') and the device's."""
+            head = db.execute("SELECT acked_seq FROM inboxes WHERE uid = ?", (uid,)).fetchone()
+            cursor = db.execute("SELECT acked FROM devices WHERE uid = ? AND device_id = ?",
+                                (uid, receiver.state.device_id)).fetchone()
+            return int(head[0]), int(cursor[0])
 
         by_a, by_b = stored_by("a"), stored_by("b")
         self.assertEqual(sorted(by_a + by_b), list(range(1, total + 1)))
@@ -414,7 +487,7 @@ class CrossNodeDeliveryTests(TwoNodes):
         # and no pull runs, nothing changes until the next push.
         top = max(by_a)
         yield ensureDeferred(until(
-            lambda: (receiver.state.last_seq >= top or top in receiver._ahead)
+            lambda: ((receiver.state.last_seq or 0) >= top or top in receiver._ahead)
             and not receiver._pulling,
             what="the last message a stored",
         ))
@@ -424,50 +497,65 @@ class CrossNodeDeliveryTests(TwoNodes):
         yield senders[0].more(1)
         total += 1
         yield ensureDeferred(until(
-            lambda: receiver.state.last_seq == total and acked() == total,
+            lambda: receiver.state.last_seq == total and acked() == (total, total),
             what="the receiver showing and acking everything",
         ))
         self.assertEqual(receiver._ahead, {})
 
-        # the pull from a: everything, whichever node stored it
-        pulled: list[dict[str, Any]] = []
-        while True:
-            page = yield self.get("a", f"/v1/inbox?after={len(pulled)}&limit=500",
-                                  receiver.token or "")
-            self.assertEqual(page["max"], total)
-            if not page["messages"]:
-                break
-            pulled += page["messages"]
+        # the pull: everything, whichever node stored it, from either node
+        pulls: dict[str, list[dict[str, Any]]] = {}
+        for node in NODES:
+            pulled = pulls[node] = []
+            while True:
+                page = yield self.get(node, f"/v1/inbox?after={len(pulled)}&limit=500",
+                                      receiver.token or "")
+                self.assertEqual(page["max"], total)
+                if not page["messages"]:
+                    break
+                pulled += page["messages"]
+        pulled = pulls["a"]
+        self.assertEqual(pulls["b"], pulled)
         self.assertEqual([m["seq"] for m in pulled], list(range(1, total + 1)))
         self.assertEqual(
             sorted((m["from"], m["body"]) for m in pulled),
-            sorted((s.uid, body(s.name, cmid)) for s in senders for cmid in s.answers),
+            sorted((s.uid, body(s.name, s.node, cmid)) for s in senders for cmid in s.answers),
         )
         self.assertEqual(
             {m["msg_id"] for m in pulled},
             {a.msg_id for s in senders for a in s.answers.values()},
         )
         self.assertEqual(len({m["msg_id"] for m in pulled}), total)
+        self.assertEqual([m for m in pulled if "to" in m or "delivered" in m or "group" in m],
+                         [])
         # the receiver showed each message once, in seq order
         self.assertEqual(
-            [(m.seq, m.msg_id, m.sender, m.body) for m in shown],
-            [(m["seq"], m["msg_id"], m["from"], m["body"]) for m in pulled],
+            [(m.seq, m.msg_id, m.sender, m.body, m.to, m.group) for m in shown],
+            [(m["seq"], m["msg_id"], m["from"], m["body"], None, None) for m in pulled],
         )
 
         # delivery, as each sender's own node sees it: ACK_N from a (where
-        # the ack was made), POST /v1/status on either node (the store)
+        # the acks were made) to the devices there of each sender, naming
+        # the entries of the sender's timeline; POST /v1/status on either
+        # node (the store)
+        for name in SENDER_NAMES:
+            devices = [s for s in senders if s.name == name]
+            seqs = sorted(seq for s in devices for seq in s.seqs())
+            for sender in devices:
+                if sender.node == "a":
+                    yield ensureDeferred(until(
+                        lambda s=sender, n=seqs: len(s.acks_n) >= len(n),
+                        what=f"ACK_Ns for {sender}"))
+                    self.assertEqual(sorted(sender.acks_n), seqs, sender)
+                else:
+                    self.assertEqual(sender.acks_n, [], sender)
+            for sender in devices:
+                mine = sorted(a.msg_id for a in sender.answers.values())
+                for node in NODES:
+                    status = yield self.post(node, "/v1/status", sender.token,
+                                             {"msg_ids": mine})
+                    self.assertEqual(status["delivered"], mine, (sender, node))
         for sender in senders:
-            mine = sorted(a.msg_id for a in sender.answers.values())
-            if sender.node == "a":
-                yield ensureDeferred(until(lambda s=sender: len(s.acks_n) == s.count,
-                                           what=f"ACK_Ns for {sender.name}"))
-                self.assertEqual(sorted(sender.acks_n), mine, sender.name)
-                self.assertEqual(
-                    sender.acks_n, {a.msg_id: a.cmid for a in sender.answers.values()}
-                )
-            status = yield self.post(sender.node, "/v1/status", sender.token,
-                                     {"msg_ids": mine})
-            self.assertEqual(status["delivered"], mine, sender.name)
+            self.assertEqual((sender.repeats, sender.others), (0, []), sender)
         yield receiver.stop()
         yield self.stop_nodes()
         log.info(

@@ -10,6 +10,8 @@ request's method, path and headers, and every response's status and body
 from __future__ import annotations
 
 import json
+import os
+import stat
 from typing import Any, NamedTuple
 
 from twisted.internet import reactor
@@ -17,13 +19,13 @@ from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import TestCase
 
 from im58d.bench import sync_mode
-from im58d.client import Cache, Group, Sync, SyncError, User
+from im58d.client import Cache, ClientState, Group, Sync, SyncError, User
 from im58d.store.accounts import create_group_txn, make_friends_txn
 from im58d.store.lists import add_category_txn
 from im58d.wire import packets as P
 
 from .support import NOW, add_user
-from .test_client import HTTP_URL, Device, RecordingHTTP, SDKTestCase
+from .test_client import DEVICE_ID, HTTP_URL, Device, RecordingHTTP, SDKTestCase
 
 FRIENDS = 500
 CATEGORIES = 5
@@ -125,11 +127,14 @@ class SyncTestCase(SDKTestCase):
         db.conn.execute("COMMIT")
         self.screen = self.friends[:20]  # the friends the app shows first
 
-    def synced_device(self, cache: Cache | None = None) -> tuple[Device, Sync, CountingHTTP]:
+    def synced_device(
+        self, cache: Cache | None = None, state: ClientState | None = None
+    ) -> tuple[Device, Sync, CountingHTTP]:
         """alice on an SDK client with a Sync on ``cache``, started: the
-        WELCOME's sync has run."""
+        WELCOME's (or, with the ``state`` of an earlier run, the RESUMED's)
+        sync has run."""
         sync = Sync(cache or Cache())
-        alice = self.device("alice", sync=sync)
+        alice = self.device("alice", password=None if state else "pw", state=state, sync=sync)
         http = CountingHTTP(self.h.treq)
         alice.client.http = http
         self.start(alice)
@@ -142,7 +147,8 @@ class SyncTestCase(SDKTestCase):
 
     def login(self, user: str) -> str:
         code, body = self.h.http("POST", "/v1/login",
-                                 body={"user": user, "password": "pw", "device": "test"})
+                                 body={"user": user, "password": "pw",
+                                       "device_id": DEVICE_ID, "device_name": "test"})
         self.assertEqual(code, 200, body)
         token: str = body["token"]
         return token
@@ -197,15 +203,17 @@ class ColdAndWarmTests(SyncTestCase):
         self.assertEqual(sync.rounds, 2)
 
     def test_restart_from_the_cache_file(self) -> None:
-        """The app restarts with its cache file: the first sync after the new
-        login is one 304.  The same file given to another account is emptied
-        first."""
+        """The app restarts with its cache file (mode 0600) and its state:
+        the first sync after it resumes is one 304.  The same file given to
+        another account is emptied first."""
         path = self.mktemp()
         alice, _, _ = self.synced_device(Cache(path))
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.result(alice.client.stop())
         reopened = Cache(path)
         self.assertEqual(len(reopened.friends()), FRIENDS)
-        _, sync, http = self.synced_device(reopened)
+        again, sync, http = self.synced_device(reopened, alice.client.state)
+        self.assertEqual(again.client.resumes, 1)
         self.assertEqual(http.paths, [("GET", "/v1/versions")])
         self.assertEqual(http.exchanges[0].code, 304)
         self.assertEqual(sync.cache.uid, self.alice_uid)
@@ -378,6 +386,22 @@ class ListTests(SyncTestCase):
                                P.Changed("friends", sync.cache.versions()["friends"]))
         self.settle()
         self.assertEqual(http.exchanges, [])
+
+    def test_requests_and_devices_cost_nothing(self) -> None:
+        """CHANGED for pending friend requests or for devices reaches the app
+        (on_changed) and costs the cache no request: it holds neither list."""
+        alice, sync, http = self.synced_device()
+        changes: list[tuple[str, int]] = []
+        alice.client.on_changed = lambda what, version: changes.append((what, version))
+        http.reset()
+        code, _ = self.h.http("POST", "/v1/friends", self.login("bob"), {"uid": self.alice_uid})
+        self.assertEqual(code, 202)
+        self.settle()
+        tablet = self.device("alice", device="tablet")
+        self.start(tablet)
+        self.assertEqual([what for what, _ in changes], ["requests", "devices"])
+        self.assertEqual(http.exchanges, [])
+        self.assertEqual(sync.rounds, 1)
 
 
 class FailureTests(SyncTestCase):

@@ -245,8 +245,8 @@ class SocketActivationTests(TestCase):
 
         yield admin(daemon.database, "user", "add", "alice", "--password", "s3cret")
         client = yield connect(daemon.access_port)
-        client.send(P.Login("alice", "s3cret", "e2e"))
-        self.assertIsInstance((yield client.next()), P.Welcome)
+        welcome, online = yield client.login("alice", "s3cret")
+        self.assertEqual((welcome.uid, online), (1, P.Online(())))
         status, _ = yield http(daemon.http_port, "GET", "/v1/iplist")
         self.assertEqual(status, 200)
 

@@ -23,7 +23,8 @@ from im58d.endpoints import parse, plaintext_exposed, server_endpoint
 from im58d.wire import Decoder, encode
 from im58d.wire import packets as P
 
-from .e2e import Daemon
+from .e2e import Daemon, new_device, resume_for
+from .e2e import admin as admin_command
 
 
 def make_cert(test: SynchronousTestCase, *hosts: str) -> tuple[str, str]:
@@ -131,8 +132,9 @@ class TLSDaemonTests(TestCase):
     @inlineCallbacks
     def test_tls_and_session_resumption(self) -> Any:
         """The daemon speaks TLS on an ssl: listener with a certificate from
-        im58d-admin; a client that verifies it by address logs in, and on its
-        next connection resumes the TLS session instead of a full handshake."""
+        im58d-admin; a client that verifies it by address logs in (WELCOME,
+        then ONLINE), and on its next connection resumes the TLS session
+        instead of a full handshake, and its im58d session with RESUME."""
         key, cert = make_cert(self, "127.0.0.1")
         port = socket.socket()
         port.bind(("127.0.0.1", 0))
@@ -147,23 +149,40 @@ class TLSDaemonTests(TestCase):
             "--database", daemon.database, "--http", "tcp:0:interface=127.0.0.1",
             "--access", "tcp:0:interface=127.0.0.1",
         ])
+        out, err, code = yield admin_command(daemon.database, "user", "add", "alice",
+                                             "--password", "s3cret")
+        self.assertEqual(code, 0, err)
 
-        def two_connections() -> tuple[bool, bool, str]:
+        def exchange(tls: ssl.SSLSocket, packet: Any, n: int) -> list[Any]:
+            tls.sendall(encode(packet))
+            decoder, received = Decoder(), list[Any]()
+            while len(received) < n:
+                data = tls.recv(4096)
+                self.assertTrue(data, f"closed after {received}")
+                received += decoder.feed(data)
+            return received
+
+        def two_connections() -> tuple[bool, bool, str, list[Any], list[Any]]:
             context = ssl.create_default_context(cafile=cert)
             reused: list[bool] = []
             session = None
+            answers: list[list[Any]] = []
             for _ in range(2):
                 raw = socket.create_connection(("127.0.0.1", number), timeout=10)
                 with context.wrap_socket(raw, server_hostname="127.0.0.1",
                                          session=session) as tls:
-                    tls.sendall(encode(P.Ping()))
-                    self.assertEqual(list(Decoder().feed(tls.recv(16))), [P.Pong()])
+                    if not answers:
+                        answers.append(exchange(tls, P.Login("alice", "s3cret", new_device()), 2))
+                    else:
+                        answers.append(exchange(tls, resume_for(answers[0][0]), 1))
                     reused.append(bool(tls.session_reused))
                     session = tls.session
                     version = tls.version() or ""
-            return reused[0], reused[1], version
+            return reused[0], reused[1], version, answers[0], answers[1]
 
-        first, second, version = yield deferToThread(two_connections)
+        first, second, version, login, resume = yield deferToThread(two_connections)
         self.assertEqual((first, second), (False, True))
         self.assertEqual(version, "TLSv1.3")
+        self.assertEqual([type(p) for p in login], [P.Welcome, P.Online])
+        self.assertEqual(resume, [P.Resumed(1, login[0].inbox_max, login[0].iplist_version, 0)])
         yield daemon.stop()

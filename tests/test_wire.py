@@ -1,4 +1,6 @@
-"""The wire codec against PROTOCOL.md section 1 (framing 1.1, packet types 1.2, errors 1.6).
+"""The wire codec against PROTOCOL.md version 2, section 1 (framing 1.1, packet
+types 1.2, errors 1.6), and the byte budgets of the contract measured on what the
+server sends.
 
 Decisions pinned here beyond the contract's letter: fields past the known ones are
 ignored; an int field is a non-bool MessagePack int in 0..2**63-1; bin fields have
@@ -6,7 +8,9 @@ exact lengths; a no-field body may be empty (n == 1) or an empty array; a length
 prefix above ``max_frame`` raises ``FrameTooLarge`` as soon as the prefix (even an
 incomplete one whose value already exceeds the limit) is read; more than 5 prefix
 bytes and n == 0 are ``MalformedFrame``; ``encode`` leaves out trailing ``None``
-optional fields.
+optional fields (an unset optional field followed by a set one is nil); ONLINE's
+body is the array of uids itself, the empty array when there are none (an empty
+body is read as none too).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from im58d.wire import (
 )
 from im58d.wire import packets as P
 
+from .support import Harness, add_user, resume_for
+
 # No deadline and no "too slow" health check: on a loaded CI machine data
 # generation may be slow, which says nothing about the codec.
 HYPOTHESIS = settings(
@@ -49,6 +55,7 @@ SID = bytes(range(16))
 KEY = bytes(range(100, 132))
 NONCE = b"n" * 8
 MAC = b"m" * 16
+DEV = b"d" * 16  # a device id
 
 
 # --- helpers -------------------------------------------------------------------
@@ -125,10 +132,12 @@ def bins(size: int) -> st.SearchStrategy[bytes]:
 
 
 PACKET_STRATEGIES: dict[int, st.SearchStrategy[Any]] = {
-    P.LOGIN: st.builds(P.Login, texts, texts, texts, st.none() | texts),
-    P.WELCOME: st.builds(P.Welcome, uints, bins(16), bins(32), texts, uints, uints, uints, uints),
+    P.LOGIN: st.builds(P.Login, texts, texts, bins(16), st.none() | texts, st.none() | texts),
+    P.WELCOME: st.builds(
+        P.Welcome, uints, bins(16), bins(32), texts, uints, uints, uints, uints, uints, uints
+    ),
     P.RESUME: st.builds(P.Resume, bins(16), uints, bins(8), bins(16)),
-    P.RESUMED: st.builds(P.Resumed, uints, uints, uints),
+    P.RESUMED: st.builds(P.Resumed, uints, uints, uints, uints),
     P.PING: st.just(P.Ping()),
     P.PONG: st.just(P.Pong()),
     P.BYE: st.just(P.Bye()),
@@ -136,12 +145,19 @@ PACKET_STRATEGIES: dict[int, st.SearchStrategy[Any]] = {
     P.ERROR: st.builds(P.Error, uints, texts, st.none() | uints),
     P.MSG_R: st.builds(P.MsgR, uints, uints, bodies, st.none() | uints),
     P.MSG_A: st.builds(P.MsgA, uints, uints, uints),
-    P.MSG_N: st.builds(P.MsgN, uints, uints, uints, bodies, uints, st.none() | uints),
+    P.MSG_N: st.builds(
+        P.MsgN, uints, uints, uints, bodies, uints, st.none() | uints, st.none() | uints
+    ),
     P.ACK_R: st.builds(P.AckR, uints),
     P.ACK_A: st.builds(P.AckA, uints),
-    P.ACK_N: st.builds(P.AckN, uints, uints),
+    P.ACK_N: st.builds(P.AckN, uints),
     P.PRESENCE: st.builds(P.Presence, uints, st.booleans()),
-    P.CHANGED: st.builds(P.Changed, st.sampled_from(["friends", "groups", "categories"]), uints),
+    P.CHANGED: st.builds(
+        P.Changed,
+        st.sampled_from(["friends", "groups", "categories", "requests", "devices"]),
+        uints,
+    ),
+    P.ONLINE: st.builds(P.Online, st.lists(uints, max_size=20).map(tuple)),
 }
 
 valid_packets = st.one_of(*PACKET_STRATEGIES.values())
@@ -162,6 +178,9 @@ stream_pieces = st.one_of(
             b"\x02\x30\x90",
             b"\x02\x13\xc1",
             b"\x03\x13\x91\xc3",
+            b"\x01\x22",
+            b"\x02\x22\x90",
+            b"\x03\x22\x91\xff",
         ]
     ),
 )
@@ -178,10 +197,16 @@ def cuts_for(data: bytes) -> st.SearchStrategy[list[int]]:
 
 # A sample of every packet type, with and without its optional fields.
 SAMPLES: dict[int, list[Any]] = {
-    P.LOGIN: [P.Login("alice", "secret", "phone"), P.Login("alice", "pw", "pc", "im58/1.0")],
-    P.WELCOME: [P.Welcome(7, SID, KEY, "tok", 0, 240, 300, 3)],
+    P.LOGIN: [
+        P.Login("alice", "secret", DEV),
+        P.Login("alice", "pw", DEV, "Alice's phone"),
+        P.Login("alice", "pw", DEV, "pc", "im58/2.0"),
+        P.Login("alice", "pw", DEV, None, "im58/2.0"),  # a client without a name
+    ],
+    P.WELCOME: [P.Welcome(7, SID, KEY, "tok", 0, 240, 300, 3, 0, 0),
+                P.Welcome(7, SID, KEY, "tok", 90, 240, 300, 3, 41, 88)],
     P.RESUME: [P.Resume(SID, TS, NONCE, MAC)],
-    P.RESUMED: [P.Resumed(7, 12, 3)],
+    P.RESUMED: [P.Resumed(7, 12, 3, 0), P.Resumed(7, 12, 3, 11)],
     P.PING: [P.Ping()],
     P.PONG: [P.Pong()],
     P.BYE: [P.Bye()],
@@ -192,13 +217,18 @@ SAMPLES: dict[int, list[Any]] = {
         P.MsgR(1, 2, b"\x00\xff", P.KIND_USER),
         P.MsgR(3, 4, "hi", P.KIND_GROUP),
     ],
-    P.MSG_A: [P.MsgA(1, 10, TS)],
-    P.MSG_N: [P.MsgN(5, 10, 1, "你好", TS), P.MsgN(6, 11, 1, b"\x01", TS, 4)],
+    P.MSG_A: [P.MsgA(1, 10, 3)],
+    P.MSG_N: [
+        P.MsgN(5, 10, 1, "你好", TS),
+        P.MsgN(6, 11, 1, b"\x01", TS, 4),  # to a group
+        P.MsgN(7, 12, 1, "hi", TS, None, 2),  # the sender's own, on its other devices
+    ],
     P.ACK_R: [P.AckR(5)],
     P.ACK_A: [P.AckA(5)],
-    P.ACK_N: [P.AckN(1, 10)],
+    P.ACK_N: [P.AckN(1)],
     P.PRESENCE: [P.Presence(7, True), P.Presence(7, False)],
-    P.CHANGED: [P.Changed("friends", 3)],
+    P.CHANGED: [P.Changed("friends", 3), P.Changed("requests", 2), P.Changed("devices", 9)],
+    P.ONLINE: [P.Online(), P.Online((7,)), P.Online((2, 3, 500, UINT_MAX))],
 }
 
 
@@ -221,7 +251,7 @@ class RoundTripTests(SynchronousTestCase):
             for packet in samples:
                 data = encode(packet)
                 n = len(data) - 1
-                self.assertLess(n, 0x80)
+                self.assertLess(n, 0x80, packet)
                 self.assertEqual(data[0], n, packet)
                 self.assertEqual(data[1], type_, packet)
                 self.assertEqual(typed(decode_all(data)), typed([packet]))
@@ -230,11 +260,22 @@ class RoundTripTests(SynchronousTestCase):
         """Trailing None optional fields are not on the wire; set ones are."""
         self.assertEqual(encode(P.MsgR(1, 2, "x")), frame(P.MSG_R, [1, 2, "x"]))
         self.assertEqual(encode(P.MsgR(1, 2, "x", 0)), frame(P.MSG_R, [1, 2, "x", 0]))
-        self.assertEqual(encode(P.Login("u", "p", "d")), frame(P.LOGIN, ["u", "p", "d"]))
+        self.assertEqual(encode(P.Login("u", "p", DEV)), frame(P.LOGIN, ["u", "p", DEV]))
+        self.assertEqual(
+            encode(P.Login("u", "p", DEV, "n")), frame(P.LOGIN, ["u", "p", DEV, "n"])
+        )
         self.assertEqual(encode(P.Error(400, "bad")), frame(P.ERROR, [400, "bad"]))
         self.assertEqual(encode(P.MsgN(1, 2, 3, "b", TS)), frame(P.MSG_N, [1, 2, 3, "b", TS]))
         body = encode(P.MsgN(1, 2, 3, "b", TS, 8))[2:]
         self.assertEqual(msgpack.unpackb(body), [1, 2, 3, "b", TS, 8])
+
+    def test_unset_optional_field_before_a_set_one_is_nil(self) -> None:
+        """An optional field followed by a present one goes as nil: MSG_N with
+        ``to`` and no ``group``, LOGIN with ``client`` and no device name."""
+        body = encode(P.MsgN(1, 2, 3, "b", TS, None, 9))[2:]
+        self.assertEqual(msgpack.unpackb(body), [1, 2, 3, "b", TS, None, 9])
+        body = encode(P.Login("u", "p", DEV, None, "app/2"))[2:]
+        self.assertEqual(msgpack.unpackb(body), ["u", "p", DEV, None, "app/2"])
 
     def test_no_field_packets_have_empty_body(self) -> None:
         """PING, PONG and BYE are a bare type byte: n == 1, no MessagePack at all."""
@@ -262,15 +303,34 @@ class RoundTripTests(SynchronousTestCase):
             # bin body: bin8 marker 0xc4 and length
             (P.MsgR(1, 2, b"\x00\xff"), b"\x08\x10\x93\x01\x02\xc4\x02\x00\xff"),
             (P.MsgR(1, 2, "x", 1), b"\x07\x10\x94\x01\x02\xa1x\x01"),
-            (P.MsgA(1, 7, TS), b"\x09\x11\x93\x01\x07" + TS_BYTES),
-            (P.Login("a", "b", "c"), b"\x08\x01\x93\xa1a\xa1b\xa1c"),
+            # MSG_A [cmid, msg_id, seq]: the sender's seq, no ts any more
+            (P.MsgA(1, 7, 3), b"\x05\x11\x93\x01\x07\x03"),
+            # device_id is bin8 of 16 bytes: 0xc4 0x10
+            (P.Login("a", "b", DEV), b"\x18\x01\x93\xa1a\xa1b\xc4\x10" + DEV),
+            (
+                P.Login("a", "b", DEV, "n", "c"),
+                b"\x1c\x01\x95\xa1a\xa1b\xc4\x10" + DEV + b"\xa1n\xa1c",
+            ),
             (P.Presence(3, True), b"\x04\x20\x92\x03\xc3"),
             (P.Presence(3, False), b"\x04\x20\x92\x03\xc2"),
             # 404 is uint16 (0xcd 0x01 0x94); 12-byte fixstr; ref 42 a positive fixint
             (P.Error(404, "no such user", 42), b"\x13\x0f\x93\xcd\x01\x94\xacno such user\x2a"),
             (P.AckR(300), b"\x05\x13\x91\xcd\x01\x2c"),
             (P.Kicked(2), b"\x03\x08\x91\x02"),
-            (P.Resumed(UINT_MAX, 0, 127), b"\x0d\x04\x93\xcf\x7f" + b"\xff" * 7 + b"\x00\x7f"),
+            (
+                P.Resumed(UINT_MAX, 0, 127, 5),
+                b"\x0e\x04\x94\xcf\x7f" + b"\xff" * 7 + b"\x00\x7f\x05",
+            ),
+            (  # n = 1 + fixarray + 1 + (2 + 16) + (2 + 32) + 2 + 1 + 2 + 3 + 1 + 1 + 1 = 66
+                P.Welcome(7, SID, KEY, "t", 0, 240, 300, 3, 9, 0),
+                b"\x42\x02\x9a\x07\xc4\x10" + SID + b"\xc4\x20" + KEY
+                + b"\xa1t\x00\xcc\xf0\xcd\x01\x2c\x03\x09\x00",
+            ),
+            (P.AckN(9), b"\x03\x15\x91\x09"),
+            (P.MsgN(1, 2, 3, "x", 4, None, 5), b"\x0a\x12\x97\x01\x02\x03\xa1x\x04\xc0\x05"),
+            # ONLINE: the array of uids; none is the empty array, not an empty body
+            (P.Online(), b"\x02\x22\x90"),
+            (P.Online((3, 300)), b"\x06\x22\x92\x03\xcd\x01\x2c"),
             (  # n = 1 + fixarray + (2 + 16) + 5 + (2 + 8) + (2 + 16) = 53
                 P.Resume(SID, TS, NONCE, MAC),
                 b"\x35\x03\x94\xc4\x10" + SID + TS_BYTES + b"\xc4\x08" + NONCE + b"\xc4\x10" + MAC,
@@ -280,25 +340,26 @@ class RoundTripTests(SynchronousTestCase):
             self.assertEqual(encode(packet), expected, packet)
             self.assertEqual(typed(decode_all(expected)), typed([packet]))
 
-    def test_six_packets_of_a_message_total_53_bytes(self) -> None:
-        """The six packets of section 1.4 for the 6-byte text "你好" with small ids and
-        a ts near 1.8e9 take 12 + 10 + 18 + 4 + 4 + 5 = 53 bytes on the wire."""
+    def test_six_packets_of_a_message_total_48_bytes(self) -> None:
+        """The six packets of section 1.4 for the 6-byte text "你好" with small ids,
+        seqs and a ts near 1.8e9 take 12 + 6 + 18 + 4 + 4 + 4 = 48 bytes on the wire
+        (53 in version 1: MSG_A carried the ts, ACK_N two fields)."""
         six: list[P.Packet] = [
             P.MsgR(1, 2, "你好"),  # A -> server
-            P.MsgA(1, 10, TS),  # server -> A
+            P.MsgA(1, 10, 1),  # server -> A: [cmid, msg_id, seqA]
             P.MsgN(5, 10, 1, "你好", TS),  # server -> B
             P.AckR(5),  # B -> server
             P.AckA(5),  # server -> B
-            P.AckN(1, 10),  # server -> A
+            P.AckN(1),  # server -> A: [seqA]
         ]
         frames = [encode(p) for p in six]
-        self.assertEqual([len(f) for f in frames], [12, 10, 18, 4, 4, 5])
-        self.assertEqual(sum(len(f) for f in frames), 53)
+        self.assertEqual([len(f) for f in frames], [12, 6, 18, 4, 4, 4])
+        self.assertEqual(sum(len(f) for f in frames), 48)
         nihao = "你好".encode()
         self.assertEqual(
             frames[2], b"\x11\x12\x95\x05\x0a\x01\xa6" + nihao + TS_BYTES
         )  # MSG_N [seq, msg_id, from, body, ts]
-        self.assertEqual(frames[5], b"\x04\x15\x92\x01\x0a")
+        self.assertEqual(frames[5], b"\x03\x15\x91\x01")
         self.assertEqual(typed(decode_all(b"".join(frames))), typed(six))
 
     def test_varint(self) -> None:
@@ -361,9 +422,11 @@ class RoundTripTests(SynchronousTestCase):
             (frame(P.MSG_R, [1, 2, "x", 1, {"z": [1.5, None]}]), P.MsgR(1, 2, "x", 1)),
             (frame(P.PRESENCE, [1, True, -1]), P.Presence(1, True)),
             (
-                frame(P.WELCOME, [7, SID, KEY, "t", 0, 240, 300, 3, b"new"]),
-                P.Welcome(7, SID, KEY, "t", 0, 240, 300, 3),
+                frame(P.WELCOME, [7, SID, KEY, "t", 0, 240, 300, 3, 4, 5, b"new"]),
+                P.Welcome(7, SID, KEY, "t", 0, 240, 300, 3, 4, 5),
             ),
+            (frame(P.LOGIN, ["u", "p", DEV, "n", "c", {"x": 1}]), P.Login("u", "p", DEV, "n", "c")),
+            (frame(P.ACK_N, [7, 10]), P.AckN(7)),  # version 1's [cmid, msg_id] reads as [7]
         ]
         for data, expected in cases:
             self.assertEqual(typed(decode_all(data)), typed([expected]), data)
@@ -378,10 +441,27 @@ class RoundTripTests(SynchronousTestCase):
 
     def test_decode_body(self) -> None:
         """decode_body maps one frame's type and body to a packet."""
-        self.assertEqual(typed([decode_body(P.ACK_N, b"\x92\x01\x0a")]), typed([P.AckN(1, 10)]))
+        self.assertEqual(typed([decode_body(P.ACK_N, b"\x91\x01")]), typed([P.AckN(1)]))
         self.assertEqual(typed([decode_body(P.BYE, b"")]), typed([P.Bye()]))
+        self.assertEqual(
+            typed([decode_body(P.ONLINE, b"\x92\x01\x02")]), typed([P.Online((1, 2))])
+        )
         self.assertEqual(decode_body(0x7F, b"\xc1"), P.UnknownPacket(0x7F, b"\xc1"))
-        self.assertRaises(MalformedFrame, decode_body, P.ACK_N, b"\x91\x01")
+        self.assertRaises(MalformedFrame, decode_body, P.ACK_N, b"\x90")
+
+    def test_online(self) -> None:
+        """ONLINE's body is the array of uids itself: none is the MessagePack empty
+        array (n == 2), not an empty body; any number of uids round-trips; an empty
+        body is read as none too (lenient)."""
+        self.assertEqual(encode(P.Online()), b"\x02\x22\x90")
+        self.assertEqual(encode(P.Online(())), b"\x02\x22\x90")
+        self.assertEqual(typed(decode_all(b"\x02\x22\x90")), typed([P.Online(())]))
+        self.assertEqual(typed(decode_all(b"\x01\x22")), typed([P.Online(())]))
+        self.assertEqual(encode(P.Online((1,))), b"\x03\x22\x91\x01")
+        for uids in ((5, 3, 1), tuple(range(1, 20)), tuple(range(1000, 1300))):
+            data = encode(P.Online(uids))
+            self.assertEqual(msgpack.unpackb(data[len(varint(len(data))) + 1:]), list(uids))
+            self.assertEqual(typed(decode_all(data)), typed([P.Online(uids)]))
 
 
 # --- streaming -------------------------------------------------------------------
@@ -601,7 +681,10 @@ class ErrorTests(SynchronousTestCase):
     def test_too_few_fields(self) -> None:
         """Fewer fields than the required ones is malformed, an empty body included."""
         self.assertMalformed(frame(P.MSG_A, [1, 2]))
-        self.assertMalformed(frame(P.LOGIN, ["u", "p"]))
+        self.assertMalformed(frame(P.LOGIN, ["u", "p"]))  # no device id
+        self.assertMalformed(frame(P.WELCOME, [7, SID, KEY, "t", 0, 240, 300, 3]))  # v1's
+        self.assertMalformed(frame(P.RESUMED, [7, 0, 3]))  # version 1's RESUMED
+        self.assertMalformed(b"\x01\x15")  # ACK_N, n == 1
         self.assertMalformed(frame(P.MSG_N, [1, 2, 3, "b"]))
         self.assertMalformed(b"\x01\x13")  # ACK_R, n == 1
         self.assertMalformed(b"\x02\x13\x90")  # ACK_R, empty array
@@ -619,7 +702,12 @@ class ErrorTests(SynchronousTestCase):
             "float for int": frame(P.ACK_R, [1.0]),
             "nil for int": frame(P.ACK_R, [None]),
             "bin for int": frame(P.ACK_R, [b"\x01"]),
-            "bin for str": frame(P.LOGIN, [b"u", "p", "d"]),
+            "bin for str": frame(P.LOGIN, [b"u", "p", DEV]),
+            "str device id (version 1)": frame(P.LOGIN, ["u", "p", "phone"]),
+            "str of 16 chars for device id": frame(P.LOGIN, ["u", "p", "d" * 16]),
+            "bin15 device id": frame(P.LOGIN, ["u", "p", b"d" * 15]),
+            "bin17 device id": frame(P.LOGIN, ["u", "p", b"d" * 17]),
+            "int device name": frame(P.LOGIN, ["u", "p", DEV, 1]),
             "int for str": frame(P.CHANGED, [1, 2]),
             "int for bool": frame(P.PRESENCE, [1, 1]),
             "nil for bool": frame(P.PRESENCE, [1, None]),
@@ -630,19 +718,47 @@ class ErrorTests(SynchronousTestCase):
             "bin7 for bin8": frame(P.RESUME, [*r[:2], b"n" * 7, r[3]]),
             "bin9 for bin8": frame(P.RESUME, [*r[:2], b"n" * 9, r[3]]),
             "bin15 mac": frame(P.RESUME, [*r[:3], b"m" * 15]),
-            "bin31 for bin32": frame(P.WELCOME, [7, SID, b"k" * 31, "t", 0, 240, 300, 3]),
-            "bin33 for bin32": frame(P.WELCOME, [7, SID, b"k" * 33, "t", 0, 240, 300, 3]),
+            "bin31 for bin32": frame(P.WELCOME, [7, SID, b"k" * 31, "t", 0, 240, 300, 3, 0, 0]),
+            "bin33 for bin32": frame(P.WELCOME, [7, SID, b"k" * 33, "t", 0, 240, 300, 3, 0, 0]),
+            "str last_cmid": frame(P.WELCOME, [7, SID, KEY, "t", 0, 240, 300, 3, "0", 0]),
+            "negative acked": frame(P.WELCOME, [7, SID, KEY, "t", 0, 240, 300, 3, 0, -1]),
+            "nil acked in RESUMED": frame(P.RESUMED, [7, 0, 3, None]),
             "str for bin16": frame(P.RESUME, ["s" * 16, *r[1:]]),
-            "str for bin32": frame(P.WELCOME, [7, SID, "k" * 32, "t", 0, 240, 300, 3]),
-            "float ts": frame(P.MSG_A, [1, 2, float(TS)]),
+            "str for bin32": frame(P.WELCOME, [7, SID, "k" * 32, "t", 0, 240, 300, 3, 0, 0]),
+            "float seq": frame(P.MSG_A, [1, 2, 3.0]),
+            "str for ACK_N seq": frame(P.ACK_N, ["1"]),
             "str optional int": frame(P.MSG_R, [1, 2, "x", "1"]),
             "negative optional int": frame(P.ERROR, [400, "m", -1]),
-            "bin optional str": frame(P.LOGIN, ["u", "p", "d", b"c"]),
+            "bin optional str": frame(P.LOGIN, ["u", "p", DEV, b"c"]),
+            "bin optional client": frame(P.LOGIN, ["u", "p", DEV, "n", b"c"]),
             "negative optional group": frame(P.MSG_N, [1, 2, 3, "b", TS, -4]),
+            "negative optional to": frame(P.MSG_N, [1, 2, 3, "b", TS, None, -4]),
+            "str optional to": frame(P.MSG_N, [1, 2, 3, "b", TS, None, "9"]),
         }
         for name, data in cases.items():
             error = error_of(data)
             self.assertIsInstance(error, MalformedFrame, name)
+
+    def test_malformed_online(self) -> None:
+        """ONLINE whose body is not an array of uints is malformed: a map, a
+        scalar, nil, an element of another type or out of range, bad MessagePack."""
+        for body in (
+            msgpack.packb({"uids": [1]}),
+            b"\x05",
+            b"\xc0",
+            msgpack.packb(["1"]),
+            msgpack.packb([1, -1]),
+            msgpack.packb([True]),
+            msgpack.packb([1, None]),
+            msgpack.packb([1.0]),
+            msgpack.packb([[1]]),
+            msgpack.packb([b"\x01"]),
+            msgpack.packb([2**63]),
+            b"\xc1",
+            b"\x92\x01",  # truncated
+            b"\x91\x01\x01",  # trailing bytes
+        ):
+            self.assertMalformed(raw_frame(P.ONLINE, body))
 
     def test_nil_optional_field(self) -> None:
         """An optional field sent as nil is read as unset, like one left out;
@@ -651,14 +767,21 @@ class ErrorTests(SynchronousTestCase):
         self.assertEqual(packet, P.MsgR(1, 2, "x"))
         [packet] = list(Decoder().feed(frame(P.ERROR, [400, "m", None])))
         self.assertEqual(packet, P.Error(400, "m"))
+        [packet] = list(Decoder().feed(frame(P.LOGIN, ["u", "p", DEV, None, "c"])))
+        self.assertEqual(typed([packet]), typed([P.Login("u", "p", DEV, None, "c")]))
+        [packet] = list(Decoder().feed(frame(P.MSG_N, [1, 2, 3, "b", TS, None, 9])))
+        self.assertEqual(typed([packet]), typed([P.MsgN(1, 2, 3, "b", TS, None, 9)]))
         self.assertMalformed(frame(P.MSG_R, [1, None, "x"]))
+        self.assertMalformed(frame(P.LOGIN, ["u", "p", None]))
 
     def test_invalid_utf8(self) -> None:
         """A MessagePack str that is not valid UTF-8 is malformed, in every str field."""
         bad = b"\xa2\xff\xfe"
         surrogate = b"\xa3\xed\xa0\x80"  # UTF-8 of a lone surrogate, invalid
         for s in (bad, surrogate):
-            self.assertMalformed(raw_frame(P.LOGIN, b"\x93" + s + b"\xa1p\xa1d"))
+            device = b"\xc4\x10" + DEV
+            self.assertMalformed(raw_frame(P.LOGIN, b"\x93" + s + b"\xa1p" + device))
+            self.assertMalformed(raw_frame(P.LOGIN, b"\x94\xa1u\xa1p" + device + s))
             self.assertMalformed(raw_frame(P.MSG_R, b"\x93\x01\x02" + s))
             self.assertMalformed(raw_frame(P.CHANGED, b"\x92" + s + b"\x01"))
             self.assertMalformed(raw_frame(P.ERROR, b"\x92\xcd\x01\x90" + s))
@@ -696,3 +819,78 @@ class ErrorTests(SynchronousTestCase):
         else:
             self.fail("no MalformedFrame")
         self.assertEqual(typed(got), typed([P.AckR(1)]))
+
+
+# --- the budgets, on what the server sends ------------------------------------------
+
+
+class ByteBudgetTests(SynchronousTestCase):
+    """PROTOCOL.md section 0: the six packets of "你好" take 48 bytes on a fresh
+    database; RESUME and RESUMED together at most 72.  Measured on the frames
+    the server writes (through the Harness), not on hand-built packets."""
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.alice = add_user(self.h.store, "alice")
+        self.bob = add_user(self.h.store, "bob")
+        self.a = self.h.connect()
+        self.welcome = self.a.login("alice")
+        self.b = self.h.connect()
+        self.b.login("bob")
+
+    def written(self, client: Any) -> bytes:
+        data = client.transport.value()
+        client.transport.clear()
+        return bytes(data)
+
+    def test_six_packets_of_nihao_take_48_bytes(self) -> None:
+        """MSG_R 12 + MSG_A 6 + MSG_N 18 + ACK_R 4 + ACK_A 4 + ACK_N 4 = 48 bytes,
+        each a single frame of its type, on a fresh database (small ids and seqs)."""
+        msg_r = encode(P.MsgR(1, self.bob, "你好"))
+        self.a.send_bytes(msg_r)
+        msg_a = self.written(self.a)
+        msg_n = self.written(self.b)
+        ack_r = encode(P.AckR(1))
+        self.b.send_bytes(ack_r)
+        ack_a = self.written(self.b)
+        ack_n = self.written(self.a)
+        frames = [msg_r, msg_a, msg_n, ack_r, ack_a, ack_n]
+        self.assertEqual(
+            typed([p for f in frames for p in decode_all(f)]),
+            typed([
+                P.MsgR(1, self.bob, "你好"),
+                P.MsgA(1, 1, 1),
+                P.MsgN(1, 1, self.alice, "你好", int(self.h.reactor.seconds())),
+                P.AckR(1),
+                P.AckA(1),
+                P.AckN(1),
+            ]),
+        )
+        self.assertEqual([len(f) for f in frames], [12, 6, 18, 4, 4, 4])
+        self.assertEqual(sum(len(f) for f in frames), 48)
+
+    def test_resume_and_resumed_take_at_most_72_bytes(self) -> None:
+        """A drop and a RESUME within the linger: the RESUME frame and all the
+        server answers (RESUMED alone: no ONLINE for a device that lingered)
+        take at most 72 bytes."""
+        self.a.drop()
+        client = self.h.connect()
+        resume = encode(resume_for(self.welcome, int(self.h.reactor.seconds())))
+        client.send_bytes(resume)
+        answer = self.written(client)
+        self.assertEqual(
+            typed(decode_all(answer)), typed([P.Resumed(self.alice, 0, 7, 0)])
+        )
+        self.assertEqual((len(resume), len(answer)), (54, 7))
+        self.assertLessEqual(len(resume) + len(answer), 72)
+
+    def test_online_with_nobody_is_the_empty_array(self) -> None:
+        """What the server writes after WELCOME when no friend is online is ONLINE
+        with the empty array as its body: the three bytes 02 22 90."""
+        carol = self.h.connect()
+        add_user(self.h.store, "carol")
+        carol.send(P.Login("carol", "pw", DEV))
+        data = self.written(carol)
+        welcome = decode_all(data)[0]
+        self.assertIsInstance(welcome, P.Welcome)
+        self.assertEqual(data, encode(welcome) + b"\x02\x22\x90")

@@ -1,15 +1,16 @@
-"""The TCP long connection: bytes in, calls on sessions and the logic layer out.
+"""The TCP long connection: bytes in, calls on the logic layer out.
 
 The protocol is a thin adapter.  Frames go through the sans-IO ``Decoder``;
-each packet is dispatched by its class; outgoing frames are queued and go
-out in one write per connection at the end of the reactor turn (``Outbox``).
+each packet is dispatched by its class to the logic layer, which sees the
+connection as an ``IConnection`` and hands it packets of its own
+(``im58d.logic.packets``); they are encoded here, queued, and go out in one
+write per connection at the end of the reactor turn (``Outbox``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
@@ -19,15 +20,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..logic import packets as L
 from ..logic.auth import LoginRefused
 from ..logic.interfaces import IConnection
-from ..wire import Decoder, WireError, encode
+from ..logic.messages import Messenger
+from ..logic.sessions import ResumeRefused, SessionManager
+from ..wire import Decoder, WireError, encode, frame
 from ..wire import packets as P
-from .sessions import ResumeRefused
-
-if TYPE_CHECKING:
-    from .session import Session
-    from .sessions import SessionManager
 
 log = Logger()
 
@@ -37,6 +36,24 @@ CLOSE_GRACE = 2.0
 STALL_LIMIT = 60.0
 # packets a client may send behind LOGIN before WELCOME
 MAX_HELD = 32
+
+# logic packet class -> (type byte, number of fields that are never left out)
+_WIRE: dict[Any, tuple[int, int]] = {
+    cls: (code, len(cls._fields) - len(cls._field_defaults))
+    for code, cls in L.BY_CODE.items()
+}
+
+
+def encode_packet(packet: Any) -> bytes:
+    """The frame of one of the logic layer's packets; unset optional
+    trailing fields are left out, as in ``im58d.wire.encode``."""
+    code, required = _WIRE[type(packet)]
+    if code == P.ONLINE:
+        return encode(P.Online(packet.uids))
+    end = len(packet)
+    while end > required and packet[end - 1] is None:
+        end -= 1
+    return frame(code, packet if end == len(packet) else packet[:end])
 
 
 class Outbox:
@@ -66,14 +83,15 @@ class Outbox:
 
 @implementer(IConnection)
 class AccessProtocol(Protocol):
-    """One client connection.  Its session, once it has one, outlives it."""
+    """One client connection.  Its device's session, once it has one,
+    outlives it."""
 
     factory: AccessFactory
 
     def __init__(self, factory: AccessFactory) -> None:
         self.factory = factory
         self.decoder = Decoder(factory.max_frame)
-        self.session: Session | None = None
+        self.device: Any = None
         self.address = ""
         self.last_seen = 0.0
         self.connected_at = 0.0
@@ -83,7 +101,7 @@ class AccessProtocol(Protocol):
         self._socket: Any = None
         # since when the client has not read what we write (None: it reads)
         self._stalled_since: float | None = None
-        # packets that arrived while a LOGIN was being checked
+        # packets that arrived while a LOGIN or RESUME was being checked
         self._held: list[Any] | None = None
         self._dispatch: dict[type, Callable[[Any], None]] = {
             P.Login: self._on_login,
@@ -115,7 +133,7 @@ class AccessProtocol(Protocol):
             for packet in self.decoder.feed(data):
                 if self._held is not None:
                     if len(self._held) >= MAX_HELD:
-                        self.close(400, "too many packets before WELCOME")
+                        self.refuse(400, "too many packets before WELCOME")
                         return
                     self._held.append(packet)
                     continue
@@ -123,17 +141,16 @@ class AccessProtocol(Protocol):
                 if self._closing:
                     return
         except WireError as e:
-            self.close(e.code, str(e))
+            self.refuse(e.code, str(e))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self._closing = True
         self._out = []
         self.factory.forget(self)
-        session = self.session
-        if session is not None:
-            self.session = None
-            self.factory.sessions.connection_lost(session, self)
+        device, self.device = self.device, None
+        if device is not None:
+            self.factory.sessions.connection_lost(device, self)
 
     # IPushProducer: the transport's write buffer is full, so the client is
     # not reading; stop reading from it until it catches up.
@@ -162,12 +179,67 @@ class AccessProtocol(Protocol):
 
     # IConnection
 
-    def send(self, frame: bytes) -> None:
+    def send(self, packet: Any) -> None:
+        if self._closing:
+            return
+        code, required = _WIRE[type(packet)]
+        # the message path's packets have no optional fields, or all of them
+        # unset but MSG_N's: framed here without a call more
+        if required == len(packet) or packet[-1] is None and packet[required] is None:
+            data = frame(code, packet if required == len(packet) else packet[:required])
+        else:
+            data = encode_packet(packet)
+        if not self._out:
+            self.factory.outbox.mark(self)
+        self._out.append(data)
+
+    def _queue(self, data: bytes) -> None:
         if self._closing:
             return
         if not self._out:
             self.factory.outbox.mark(self)
-        self._out.append(frame)
+        self._out.append(data)
+
+    def error(self, code: int, message: str, ref: int | None = None) -> None:
+        """Answer ERROR and keep the connection."""
+        self._queue(encode(P.Error(code, message, ref)))
+
+    def close(self) -> None:
+        """Write what is queued and close.
+
+        Closing a socket with unread input makes the kernel send RST, which
+        can destroy the last packets before the client reads them; so only
+        the write side is shut, what the client still sends is ignored, and
+        the connection is dropped when the client closes or after a grace
+        time.
+        """
+        if self._closing:
+            return
+        self.write_out()
+        self._closing = True
+        self.device = None
+        transport: Any = self.transport
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is None:
+            transport.loseConnection()
+            return
+        half_close()
+        transport.resumeProducing()  # to see the client's close, even if paused
+        self.factory.clock.callLater(CLOSE_GRACE, self._abort_if_open)
+
+    def abort(self) -> None:
+        """Drop a connection that went silent or stuck; its device lingers."""
+        self._closing = True
+        self._abort_if_open()
+
+    def _abort_if_open(self) -> None:
+        if not self._lost:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def refuse(self, code: int, message: str) -> None:
+        """Answer ERROR and close."""
+        self.error(code, message)
+        self.close()
 
     def write_out(self) -> None:
         if not self._out:
@@ -199,104 +271,63 @@ class AccessProtocol(Protocol):
             data = data[sent:]
         transport.write(data)
 
-    def close(self, code: int, message: str, ref: int | None = None) -> None:
-        """Answer ERROR and close once it is written."""
-        self._finish(encode(P.Error(code, message, ref)))
-
-    def kick(self, reason: int) -> None:
-        self.session = None
-        self._finish(encode(P.Kicked(reason)))
-
-    def _finish(self, last: bytes) -> None:
-        """Write ``last`` and close.
-
-        Closing a socket with unread input makes the kernel send RST, which
-        can destroy the ERROR before the client reads it; so only the write
-        side is shut, what the client still sends is ignored, and the
-        connection is dropped when the client closes or after a grace time.
-        """
-        if self._closing:
-            return
-        self._out.append(last)
-        self.write_out()
-        self._closing = True
-        transport: Any = self.transport
-        half_close = getattr(transport, "loseWriteConnection", None)
-        if half_close is None:
-            transport.loseConnection()
-            return
-        half_close()
-        transport.resumeProducing()  # to see the client's close, even if paused
-        self.factory.clock.callLater(CLOSE_GRACE, self._abort_if_open)
-
-    def _abort_if_open(self) -> None:
-        if not self._lost:
-            self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def error(self, code: int, message: str, ref: int | None = None) -> None:
-        """Answer ERROR and keep the connection."""
-        self.send(encode(P.Error(code, message, ref)))
-
-    def abort(self) -> None:
-        """Drop a connection that went silent; its session lingers."""
-        self._closing = True
-        self._abort_if_open()
-
     # packets
 
     def _unexpected(self, packet: Any) -> None:
         cls = type(packet)
         if cls is P.UnknownPacket:
             self.error(501, f"unknown packet type 0x{packet.type:02x}")
-        elif self.session is None:
-            self.close(401, "log in first")
+        elif self.device is None:
+            self.refuse(401, "log in first")
         elif cls is P.Login or cls is P.Resume:
-            self.close(400, "already logged in")
+            self.refuse(400, "already logged in")
         elif P.TYPE_OF[cls] in P.CLIENT_TYPES:
             self.error(501, f"{cls.__name__} is not supported by this server")
         else:
-            self.close(400, f"{cls.__name__} is sent by servers, not clients")
+            self.refuse(400, f"{cls.__name__} is sent by servers, not clients")
 
     def _on_ping(self, packet: P.Ping) -> None:
-        self.send(PONG)
+        self._queue(PONG)
 
-    def _on_login(self, packet: P.Login) -> None:
-        # Until the login is decided, packets behind it wait, and no more
-        # is read (the check may take a while).
+    def _hold(self) -> None:
+        """Until a LOGIN or RESUME is decided, packets behind it wait, and no
+        more is read (the check may take a while)."""
         self._held = []
         self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def _on_login(self, packet: P.Login) -> None:
+        self._hold()
         d = self.factory.sessions.login(
             packet.user,
             packet.password,
-            packet.device,
-            packet.client,
+            packet.device_id,
+            packet.device_name or "",
             self.address,
+            packet.client,
             self,
-            lambda: not self._closing,
+            self._open,
         )
-        d.addCallbacks(self._logged_in, self._login_failed)
+        d.addCallbacks(self._signed_in, self._login_failed)
 
-    def _logged_in(self, result: tuple[Session, int] | None) -> None:
-        self._attached(result, self.factory.sessions.welcome)
+    def _open(self) -> bool:
+        return not self._closing
 
-    def _attached(self, result: tuple[Session, int] | None, answer: Any) -> None:
-        """The session is this connection's: WELCOME or RESUMED (``answer``
-        makes it), then what was held behind the LOGIN or RESUME."""
+    def _signed_in(self, result: tuple[Any, Any] | None) -> None:
+        """WELCOME or RESUMED went out (the logic layer sends it first): the
+        device is this connection's, then comes what was held behind."""
         if result is None:  # the connection went away meanwhile
             return
-        session, inbox_max = result
-        self.session = session
-        self.send(encode(answer(session, inbox_max)))
+        self.device = result[0]
         self._dispatch = self.factory.logged_in_dispatch(self)
         self._release_held()
 
     def _login_failed(self, failure: Failure) -> None:
         if failure.check(LoginRefused):
             refused: LoginRefused = failure.value  # type: ignore[assignment]
-            self.close(refused.code, refused.message)
+            self.refuse(refused.code, refused.message)
         else:
             log.failure("login failed", failure)
-            self.close(503, "server error, try again")
+            self.refuse(503, "server error, try again")
 
     def _release_held(self) -> None:
         held, self._held = self._held or [], None
@@ -308,13 +339,11 @@ class AccessProtocol(Protocol):
             self._dispatch.get(type(packet), self._unexpected)(packet)
 
     def _on_resume(self, packet: P.Resume) -> None:
-        self._held = []
-        self.transport.pauseProducing()  # type: ignore[union-attr]
-        d = self.factory.sessions.resume(packet, self, lambda: not self._closing)
-        d.addCallbacks(self._resumed, self._resume_failed)
-
-    def _resumed(self, result: tuple[Session, int] | None) -> None:
-        self._attached(result, self.factory.sessions.resumed)
+        self._hold()
+        d = self.factory.sessions.resume(
+            packet.session_id, packet.ts, packet.nonce, packet.mac, self, self._open
+        )
+        d.addCallbacks(self._signed_in, self._resume_failed)
 
     def _resume_failed(self, failure: Failure) -> None:
         if failure.check(ResumeRefused):
@@ -323,15 +352,20 @@ class AccessProtocol(Protocol):
             self._release_held()
         else:
             log.failure("resume failed", failure)
-            self.close(503, "server error, try again")
+            self.refuse(503, "server error, try again")
 
     def _on_bye(self, packet: P.Bye) -> None:
-        session, self.session = self.session, None
-        if session is not None:
-            self.factory.sessions.end(session)
-        self._closing = True
-        self.write_out()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        device, self.device = self.device, None
+        self.factory.sessions.bye(device)
+        self.close()
+
+    def _on_msg_r(self, packet: P.MsgR) -> None:
+        self.factory.messenger.on_msg_r(
+            self.device, packet.cmid, packet.to, packet.body, packet.kind or 0
+        )
+
+    def _on_ack_r(self, packet: P.AckR) -> None:
+        self.factory.messenger.on_ack_r(self.device, packet.seq)
 
 
 class AccessFactory(Factory[AccessProtocol]):
@@ -340,20 +374,19 @@ class AccessFactory(Factory[AccessProtocol]):
     def __init__(
         self,
         sessions: SessionManager,
+        messenger: Messenger,
         clock: IReactorTime,
         max_frame: int = 65536,
         login_timeout: float = 60,
     ) -> None:
         self.sessions = sessions
+        self.messenger = messenger
         self.clock = clock
         self.max_frame = max_frame
         self.login_timeout = login_timeout
         self.outbox = Outbox(clock)
         self.connections: set[AccessProtocol] = set()
         self._closed_waiters: list[Deferred[None]] = []
-        # packet class -> handler(protocol, packet) once logged in; the
-        # logic layer adds its packets (messages, acks) here
-        self.handlers: dict[type, Callable[[AccessProtocol, Any], None]] = {}
 
     @property
     def idle_timeout(self) -> float:
@@ -363,23 +396,23 @@ class AccessFactory(Factory[AccessProtocol]):
     def buildProtocol(self, addr: IAddress | None) -> AccessProtocol:
         return AccessProtocol(self)
 
-    def logged_in_dispatch(self, p: AccessProtocol) -> dict[type, Callable[[Any], None]]:
-        dispatch: dict[type, Callable[[Any], None]] = {
+    @staticmethod
+    def logged_in_dispatch(p: AccessProtocol) -> dict[type, Callable[[Any], None]]:
+        return {
+            P.MsgR: p._on_msg_r,
+            P.AckR: p._on_ack_r,
             P.Ping: p._on_ping,
             P.Bye: p._on_bye,
         }
-        for cls, handler in self.handlers.items():
-            dispatch[cls] = partial(handler, p)
-        return dispatch
 
     def sweep(self) -> None:
         """Close connections that went silent, or that have not read what the
-        server wrote for STALL_LIMIT seconds (housekeeping).  Their sessions
-        linger; what was not delivered is in the inbox."""
+        server wrote for STALL_LIMIT seconds (housekeeping).  Their devices
+        linger; what was not delivered is in the timeline."""
         now = self.clock.seconds()
         idle = self.idle_timeout
         for connection in list(self.connections):
-            if connection.session is None:
+            if connection.device is None:
                 late = now - connection.connected_at > self.login_timeout
             else:
                 late = now - connection.last_seen > idle
@@ -388,8 +421,12 @@ class AccessFactory(Factory[AccessProtocol]):
                 connection.abort()
 
     def kick_all(self, reason: int) -> None:
+        """KICKED ``reason`` to every connection, then close (shutdown): the
+        devices stay online in the store and linger after the restart."""
+        kicked = encode(P.Kicked(reason))
         for connection in list(self.connections):
-            connection.kick(reason)
+            connection._queue(kicked)
+            connection.close()
 
     def forget(self, connection: AccessProtocol) -> None:
         self.connections.discard(connection)

@@ -15,13 +15,16 @@ What it holds:
 - each group's member list with its version (``members``, ``member_lists``).
 
 Every write is one transaction: a sync that fails half-way leaves the cache
-as it was.  ``Sync`` (``im58d.client.sync``) decides what to ask; this module
+as it was.  The file is readable by its owner only (mode 0600): it holds the
+account's contacts.  ``Sync`` (``im58d.client.sync``) decides what to ask; this module
 only stores and answers.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -91,6 +94,8 @@ class Cache:
 
     def __init__(self, path: str = ":memory:") -> None:
         self.path = path
+        if path != ":memory:" and not path.startswith("file:"):
+            _private(path)
         # isolation_level=None: transactions are begun and ended explicitly
         self.db = sqlite3.connect(path, isolation_level=None)
         (version,) = self.db.execute("PRAGMA user_version").fetchone()
@@ -351,6 +356,18 @@ class Cache:
                            [(gid, int(u)) for u in uids])
             db.execute("INSERT OR REPLACE INTO member_lists (gid, version) VALUES (?, ?)",
                        (gid, version))
+
+
+def _private(path: str) -> None:
+    """Create the file at ``path`` with mode 0600, or take group and others'
+    access away from an existing one (SQLite gives its journal files the
+    database file's mode)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def _set_version(db: sqlite3.Connection, name: str, version: int) -> None:

@@ -34,6 +34,8 @@ from .cache import LISTS, Cache, Group, User
 
 # ids per POST .../sync: the server's limit on entries of "have"
 MAX_HAVE = 2000
+# lists with a CHANGED notice that the cache does not hold
+NOT_CACHED = frozenset(("requests", "devices"))
 
 
 class SyncError(Exception):
@@ -80,7 +82,11 @@ class Sync:
 
     def changed(self, what: str, version: int) -> Deferred[set[str]]:
         """CHANGED ``[what, version]``: a round, unless the cache holds that
-        version of the list already."""
+        version of the list already, or holds nothing of that list (pending
+        friend requests and devices are the app's to fetch when it shows
+        them: ``GET /v1/friends/requests``, ``GET /v1/devices``)."""
+        if what in NOT_CACHED:
+            return succeed(set())
         held = self.cache.versions().get(what) if what in LISTS else None
         if held is not None and held >= version and not self._busy:
             return succeed(set())

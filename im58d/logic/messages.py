@@ -2,9 +2,11 @@
 
 Messages and acks from every connection gather into batches (see
 ``Messenger._arrived``); a batch is committed in one transaction, and only
-when it is committed do its MSG_A, MSG_N, ACK_A and ACK_N go out.  The
-Messenger keeps, per session, the MSG_Ns sent on the live connection and not
-yet acked, and sends them again when the ack is late.
+when it is committed do its MSG_A, MSG_N, ACK_A and ACK_N go out.  A message
+is an entry in the timeline of its sender and of each receiver: the
+receivers' devices get MSG_N, and so do the sender's other devices (a copy,
+with ``to``).  The Messenger keeps, per device, the MSG_Ns sent on the live
+connection and not yet acked, and sends them again when the ack is late.
 """
 
 from __future__ import annotations
@@ -18,10 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..routing.interfaces import IRouter
-from ..store.inbox import DUPLICATE, KIND_GROUP, KIND_USER, STORED
-from ..store.interfaces import IStore
-from ..wire import frame
-from ..wire import packets as P
+from ..store.interfaces import DUPLICATE, KIND_GROUP, STORED, IStore
+from . import packets as P
 
 log = Logger()
 
@@ -63,7 +63,7 @@ class Messenger:
         self.friends_only = friends_only
         self.retransmit = retransmit
         self.gather = gather
-        # the next batch: (session, cmid, to, body, kind) and session -> seq
+        # the next batch: (device, cmid, to, body, kind) and device -> seq
         self._messages: list[tuple[Any, int, int, str | bytes, int]] = []
         self._acks: dict[Any, int] = {}
         self._scheduled = False
@@ -72,7 +72,7 @@ class Messenger:
         self._last_flush = 0.0
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
-        # sessions with MSG_Ns waiting for ACK_R
+        # devices with MSG_Ns waiting for ACK_R
         self._awaiting: set[Any] = set()
         # counters (metrics)
         self.received = 0
@@ -82,36 +82,32 @@ class Messenger:
         self.retransmitted = 0
         self.acks = 0
         self.acks_out = 0  # ACK_Ns sent to senders
-        self.caught_up = 0  # MSG_Ns pushed from the store after a lost publication
+        self.caught_up = 0  # MSG_Ns pushed from the timelines after a lost publication
 
-    # packets from the access layer (handler(connection, packet))
+    # packets from the access layer
 
-    def on_msg_r(self, connection: Any, packet: P.MsgR) -> None:
+    def on_msg_r(self, device: Any, cmid: int, to: int, body: str | bytes, kind: int) -> None:
         self.received += 1
-        body = packet.body
         if len(body) > self.max_body >> 2 and body_size(body, self.max_body) > self.max_body:
-            connection.error(413, f"body over {self.max_body} bytes", packet.cmid)
+            device.connection.error(413, f"body over {self.max_body} bytes", cmid)
             return
-        kind = packet.kind or KIND_USER
         if kind > KIND_GROUP:
-            connection.error(501, f"message kind {kind} is not supported", packet.cmid)
+            device.connection.error(501, f"message kind {kind} is not supported", cmid)
             return
-        self._messages.append((connection.session, packet.cmid, packet.to, body, kind))
+        self._messages.append((device, cmid, to, body, kind))
         if not self._scheduled:
             self._arrived()
 
-    def on_ack_r(self, connection: Any, packet: P.AckR) -> None:
+    def on_ack_r(self, device: Any, seq: int) -> None:
         self.acks += 1
-        session = connection.session
-        seq = packet.seq
-        unacked = session.unacked
+        unacked = device.unacked
         if unacked:
             while unacked and unacked[0][0] <= seq:
                 unacked.popleft()
-        if seq > self._acks.get(session, -1):
-            self._acks[session] = seq
-        if seq > session.acked_max:
-            session.acked_max = seq
+        if seq > self._acks.get(device, -1):
+            self._acks[device] = seq
+        if seq > device.acked_max:
+            device.acked_max = seq
         if not self._scheduled:
             self._arrived()
 
@@ -157,8 +153,8 @@ class Messenger:
             self._rate += 0.25 * ((len(messages) + len(acks)) / elapsed - self._rate)
         self._last_flush = seconds
         d = self.store.deliver(
-            [(s.uid, cmid, to, body, kind) for s, cmid, to, body, kind in messages],
-            [(s.uid, seq) for s, seq in acks.items()],
+            [(d.uid, d.device, cmid, to, body, kind) for d, cmid, to, body, kind in messages],
+            [(d.uid, d.device, seq) for d, seq in acks.items()],
             now,
             self.friends_only,
         )
@@ -175,68 +171,83 @@ class Messenger:
     ) -> None:
         results, ack_results = outcome
         now = self.clock.seconds()
-        session_for = self.router.session_for
-        # frames for users whose sessions are on other nodes: (uid, seq, frame)
-        remote: list[tuple[int, int, bytes]] | None = [] if self.router.clustered else None
-        for (session, cmid, to, body, kind), result in zip(messages, results, strict=True):
+        find = self.router.user
+        # packets for devices that may be on other nodes
+        remote: list[tuple[int, int, Any, bytes | None]] | None = (
+            [] if self.router.clustered else None
+        )
+        for (device, cmid, to, body, kind), result in zip(messages, results, strict=True):
             status = result[0]
-            connection = session.connection
+            connection = device.connection
             if status == STORED:
                 self.stored += 1
-                _, msg_id, ts, deliveries = result
+                _, msg_id, ts, sender_seq, deliveries = result
+                uid = device.uid
                 if connection is not None:
-                    connection.send(frame(P.MSG_A, (cmid, msg_id, ts)))
-                if kind == KIND_USER:
-                    receiver, seq = deliveries[0]
-                    target = session_for(receiver)
-                    if target is not None:
-                        if target.connection is not None:
-                            msg_n = frame(P.MSG_N, (seq, msg_id, session.uid, body, ts))
-                            self._push(target, seq, msg_n, now)
-                    elif remote is not None:
-                        msg_n = frame(P.MSG_N, (seq, msg_id, session.uid, body, ts))
-                        remote.append((receiver, seq, msg_n))
-                else:
-                    for receiver, seq in deliveries:
-                        target = session_for(receiver)
-                        if target is not None:
+                    connection.send(P.MsgA(cmid, msg_id, sender_seq))
+                group = to if kind == KIND_GROUP else None
+                for receiver, seq in deliveries:
+                    msg_n = P.MsgN(seq, msg_id, uid, body, ts, group)
+                    user = find(receiver)
+                    if user is not None:
+                        for target in user.devices.values():
                             if target.connection is not None:
-                                msg_n = frame(P.MSG_N, (seq, msg_id, session.uid, body, ts, to))
                                 self._push(target, seq, msg_n, now)
-                        elif remote is not None:
-                            msg_n = frame(P.MSG_N, (seq, msg_id, session.uid, body, ts, to))
-                            remote.append((receiver, seq, msg_n))
+                    if remote is not None:
+                        remote.append((receiver, seq, msg_n, None))
+                # the sender's other devices get a copy
+                user = device.user or find(uid)
+                if remote is not None or (user is not None and len(user.devices) > 1):
+                    copy = P.MsgN(sender_seq, msg_id, uid, body, ts, group,
+                                  None if group is not None else to)
+                    self._deliver(uid, sender_seq, copy, now, device, remote)
             elif status == DUPLICATE:
                 self.duplicates += 1
                 if connection is not None:
-                    connection.send(frame(P.MSG_A, (cmid, result[1], result[2])))
+                    connection.send(P.MsgA(cmid, result[1], result[2]))
                     if result[3]:
-                        # acked already: its ACK_N may have been lost with the
-                        # connection that lost the MSG_A, so it comes again
-                        connection.send(frame(P.ACK_N, (cmid, result[1])))
+                        # received already: its ACK_N may have been lost with
+                        # the connection that lost the MSG_A, so it comes again
+                        connection.send(P.AckN(result[2]))
             elif connection is not None:
                 connection.error(result[1], result[2], cmid)
-        for (session, _), (_, cursor, newly) in zip(acks.items(), ack_results, strict=True):
-            if session.connection is not None:
-                session.connection.send(frame(P.ACK_A, (cursor,)))
-            for sender, cmid, msg_id in newly:
-                target = session_for(sender)
-                if target is not None:
-                    if target.connection is not None:
-                        target.connection.send(frame(P.ACK_N, (cmid, msg_id)))
-                        self.acks_out += 1
-                elif remote is not None:
-                    remote.append((sender, 0, frame(P.ACK_N, (cmid, msg_id))))
+        for (device, _), (cursor, newly) in zip(acks.items(), ack_results, strict=True):
+            if device.connection is not None:
+                device.connection.send(P.AckA(cursor))
+            for sender, sender_seq in newly:
+                ack_n = P.AckN(sender_seq)
+                user = find(sender)
+                if user is not None:
+                    for target in user.devices.values():
+                        if target.connection is not None:
+                            target.connection.send(ack_n)
+                            self.acks_out += 1
+                if remote is not None:
+                    remote.append((sender, 0, ack_n, None))
         if remote:
             self.router.forward(remote)
+
+    def _deliver(
+        self, uid: int, seq: int, msg_n: Any, now: float, skip: Any,
+        remote: list[tuple[int, int, Any, bytes | None]] | None,
+    ) -> None:
+        """MSG_N to every connected device of the user but ``skip`` (the
+        sending device), here and, with several nodes, elsewhere."""
+        user = self.router.user(uid)
+        if user is not None:
+            for device in user.devices.values():
+                if device is not skip and device.connection is not None:
+                    self._push(device, seq, msg_n, now)
+        if remote is not None:
+            remote.append((uid, seq, msg_n, None if skip is None else skip.session_id))
 
     def _failed(self, failure: Failure, messages: list[Any]) -> None:
         # Nothing of the batch is stored; the senders retransmit (no MSG_A
         # came), the receivers ack again.
         log.failure("storing a batch of {n} messages failed", failure, n=len(messages))
-        for session, cmid, _, _, _ in messages:
-            if session.connection is not None:
-                session.connection.error(503, "not stored, send again", cmid)
+        for device, cmid, _, _, _ in messages:
+            if device.connection is not None:
+                device.connection.error(503, "not stored, send again", cmid)
 
     def _landed(self, _: object) -> None:
         self._in_flight -= 1
@@ -253,70 +264,78 @@ class Messenger:
             for d in waiting:
                 d.callback(None)
 
-    def _push(self, session: Any, seq: int, msg_n: bytes, now: float) -> None:
-        unacked = session.unacked
+    def _push(self, device: Any, seq: int, msg_n: Any, now: float) -> None:
+        unacked = device.unacked
         if unacked is None:
-            unacked = session.unacked = deque()
+            unacked = device.unacked = deque()
         elif len(unacked) >= MAX_UNACKED:
-            # A client that does not ack is dropped rather than buffered
-            # without end; it pulls what it missed after its next login.
-            session.connection.abort()
+            # A device that does not ack is dropped rather than buffered
+            # without end; it pulls what it missed after its next RESUMED.
+            device.connection.abort()
             return
-        session.connection.send(msg_n)
+        device.connection.send(msg_n)
         self.pushed += 1
         if not unacked:
-            self._awaiting.add(session)
+            self._awaiting.add(device)
         unacked.append((seq, msg_n, now))
 
     # several nodes
 
-    def forwarded(self, packets: list[tuple[int, int, bytes]]) -> None:
-        """Frames another node stored or acked for users whose sessions are
-        here: MSG_Ns (seq > 0) wait for their ACK_R as any push does."""
+    def forwarded(self, items: list[tuple[int, int, int, list[Any], bytes | None]]) -> None:
+        """Packets another node stored or acked for users with devices here,
+        ``(uid, seq, code, fields, skip)``: MSG_Ns (seq > 0) wait for their
+        ACK_R as any push does; ``skip`` is the session of the sending
+        device, which has the message already."""
         now = self.clock.seconds()
-        session_for = self.router.session_for
-        for uid, seq, packet in packets:
-            target = session_for(uid)
-            if target is None or target.connection is None:
-                continue  # in the inbox: pulled after the next RESUMED
-            if seq:
-                if seq <= target.acked_max or _pushed(target.unacked, seq):
-                    continue  # a catch-up pushed it before its publication came
-                self._push(target, seq, packet, now)
-            else:
-                target.connection.send(packet)
+        find = self.router.user
+        for uid, seq, code, fields, skip in items:
+            user = find(uid)
+            if user is None:
+                continue  # in the timeline: pulled after the next RESUMED
+            packet = P.from_fields(code, fields)
+            for device in list(user.devices.values()):
+                if device.connection is None or device.session_id == skip:
+                    continue
+                if seq:
+                    if seq <= device.acked_max or _pushed(device.unacked, seq):
+                        continue  # a catch-up pushed it before its publication came
+                    self._push(device, seq, packet, now)
+                else:
+                    device.connection.send(packet)
 
     @inlineCallbacks
     def catch_up(self) -> Any:
-        """Push what is in the inboxes of this node's connected users and
-        was neither pushed nor told at WELCOME/RESUMED: publications of
+        """Push what is in the timelines of this node's connected devices
+        and was neither pushed nor told at WELCOME/RESUMED: publications of
         other nodes are lost while Redis or a node is away (housekeeping,
         and after Redis comes back)."""
-        connected = {s.uid: s for s in self.router.sessions() if s.connection is not None}
+        connected = [d for d in self.router.devices() if d.connection is not None]
         if not connected:
             return
-        heads = yield self.store.inbox_heads(list(connected))
-        for uid, (head, acked) in heads.items():
-            session = connected[uid]
-            after = max(acked, session.pull_max, session.acked_max)
-            if head <= after or session.connection is None:
+        heads = yield self.store.inbox_heads(sorted({d.uid for d in connected}))
+        for device in connected:
+            head = heads.get(device.uid, (0, 0))[0]
+            after = max(device.pull_max, device.acked_max)
+            if head <= after or device.connection is None:
                 continue
-            pending = {seq for seq, _, _ in session.unacked or ()}
+            pending = {seq for seq, _, _ in device.unacked or ()}
             if len(pending) >= head - after and all(
                     seq in pending for seq in range(after + 1, head + 1)):
                 continue  # all pushed, waiting for the ack
-            entries, _ = yield self.store.inbox(uid, after, RESEND_AT_ONCE)
-            if session.connection is None or session.ended:
+            entries, _ = yield self.store.inbox(device.uid, after, RESEND_AT_ONCE)
+            if device.connection is None or device.ended:
                 continue
             # pushed or acked meanwhile (a publication came during the read)
-            pending = {seq for seq, _, _ in session.unacked or ()}
-            acked_max = session.acked_max
+            pending = {seq for seq, _, _ in device.unacked or ()}
+            acked_max = device.acked_max
             now = self.clock.seconds()
-            for seq, msg_id, sender, group, body, ts in entries:
+            for seq, msg_id, sender, group, body, ts, to, _, sent_from in entries:
                 if seq in pending or seq <= acked_max:
                     continue
-                fields = (seq, msg_id, sender, body, ts) + ((group,) if group else ())
-                self._push(session, seq, frame(P.MSG_N, fields), now)
+                if sender == device.uid and sent_from == device.device:
+                    continue  # this device's own message: it had the MSG_A
+                msg_n = P.MsgN(seq, msg_id, sender, body, ts, group, to)
+                self._push(device, seq, msg_n, now)
                 self.caught_up += 1
 
     # timers
@@ -326,11 +345,11 @@ class Messenger:
         seconds, at most RESEND_AT_ONCE per connection and round."""
         now = self.clock.seconds()
         due = now - self.retransmit
-        for session in list(self._awaiting):
-            unacked = session.unacked
-            connection = session.connection
+        for device in list(self._awaiting):
+            unacked = device.unacked
+            connection = device.connection
             if not unacked or connection is None:
-                self._awaiting.discard(session)
+                self._awaiting.discard(device)
                 continue
             if connection.congested:
                 continue  # what was sent has not even been read yet

@@ -1,9 +1,11 @@
-"""Presence and change notices (PROTOCOL.md section 1.5).
+"""Presence, ONLINE and change notices (PROTOCOL.md section 1.5).
 
-PRESENCE goes to a user's connected friends when a session starts and when
-it really ends: not when a connection drops and the session lingers, not
-when a newer login replaces it.  CHANGED tells a connected user that one of
-its lists has a new version, so that it pulls lazily over HTTP.
+PRESENCE goes to a user's connected friends when the user's first device
+comes online and when the last one goes offline: not when a connection drops
+and the device lingers, not when a second device signs in.  ONLINE tells a
+device that came online which friends are online now.  CHANGED tells a
+user's connected devices that one of the user's lists has a new version, so
+that they pull lazily over HTTP.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from ..routing.interfaces import IRouter
-from ..store.accounts import LISTS
-from ..store.interfaces import IStore
-from ..wire import frame
-from ..wire import packets as P
+from ..store.interfaces import LISTS, IStore
+from . import packets as P
 
 log = Logger()
 
@@ -27,62 +27,85 @@ class Presence:
         self.router = router
         self.store = store
 
-    def online(self, session: Any) -> None:
-        self._tell_friends(session, True)
+    def online(self, user: Any, elsewhere_only: bool = False) -> None:
+        """The user's first device came online (``elsewhere_only``: the
+        friends on this node know it already)."""
+        self._tell_friends(user, True, elsewhere_only)
 
-    def offline(self, session: Any) -> None:
-        self._tell_friends(session, False)
+    def offline(self, user: Any) -> None:
+        """The user's last device went offline."""
+        self._tell_friends(user, False)
 
-    def _tell_friends(self, session: Any, online: bool) -> None:
-        packet = frame(P.PRESENCE, (session.uid, online))
-        session_for = self.router.session_for
-        elsewhere = []
-        for friend in session.friends:
-            other = session_for(friend)
-            if other is None:
-                elsewhere.append((friend, 0, packet))
-            elif other.connection is not None:
-                other.connection.send(packet)
-        if elsewhere and self.router.clustered:
+    def _tell_friends(self, user: Any, online: bool, elsewhere_only: bool = False) -> None:
+        packet = P.Presence(user.uid, online)
+        find = self.router.user
+        elsewhere: list[tuple[int, int, Any, bytes | None]] = []
+        for friend in user.friends:
+            other = None if elsewhere_only else find(friend)
+            if other is not None:
+                for device in other.devices.values():
+                    if device.connection is not None:
+                        device.connection.send(packet)
+            if self.router.clustered:
+                elsewhere.append((friend, 0, packet, None))
+        if elsewhere:
             self.router.forward(elsewhere)
 
-    def changed(self, session: Any, versions: tuple[int, ...]) -> None:
-        """The session's lists have these versions now: CHANGED for each
-        list that moved; the friends to tell of presence follow the list."""
-        old, session.versions = session.versions, versions
-        for what, before, now in zip(LISTS, old, versions, strict=True):
-            if now != before and session.connection is not None:
-                session.connection.send(frame(P.CHANGED, (what, now)))
-        if versions[0] != old[0]:
-            d = self.store.friends_of(session.uid)
-            d.addCallback(lambda friends: setattr(session, "friends", frozenset(friends)))
-            d.addErrback(lambda f: log.failure("reading friends of {uid}", f, uid=session.uid))
+    def tell_online(self, device: Any) -> None:
+        """ONLINE to a device that came online: its user's friends online now."""
+        user = device.user
+        if user is None:
+            return
+        d = self.router.online_among(sorted(user.friends))
+        d.addCallback(self._told_online, device)
+        d.addErrback(lambda f: log.failure("telling uid={uid} who is online", f, uid=device.uid))
+
+    @staticmethod
+    def _told_online(uids: list[int], device: Any) -> None:
+        if device.connection is not None:
+            device.connection.send(P.Online(tuple(uids)))
+
+    def changed(self, user: Any, versions: tuple[int, ...], skip: Any = None) -> None:
+        """The user's lists have these versions now: CHANGED to the user's
+        connected devices (but ``skip``) for each list that moved; the
+        friends to tell of presence follow the friend list."""
+        old, user.versions = user.versions, versions
+        for what, before, now in zip(LISTS, old, versions, strict=False):
+            if now != before:
+                packet = P.Changed(what, now)
+                for device in user.devices.values():
+                    if device.connection is not None and device is not skip:
+                        device.connection.send(packet)
+        if not old or versions[0] != old[0]:
+            d = self.store.friends_of(user.uid)
+            d.addCallback(lambda friends: setattr(user, "friends", frozenset(friends)))
+            d.addErrback(lambda f: log.failure("reading friends of {uid}", f, uid=user.uid))
 
     def check_lists(self) -> Deferred[None]:
-        """Compare every session's list versions with the store's
+        """Compare every online user's list versions with the store's
         (housekeeping): lists changed elsewhere, by im58d-admin for one,
-        reach the connected users as CHANGED within a round."""
-        return self._compare({session.uid: session for session in self.router.sessions()})
+        reach the connected devices as CHANGED within a round."""
+        return self._compare({user.uid: user for user in self.router.users()})
 
     def lists_moved(self, uids: list[int], forward: bool = True) -> Deferred[None]:
         """These users' lists changed through this daemon: CHANGED now (the
-        users on other nodes get it from theirs, unless ``forward`` is off:
+        devices on other nodes get it from theirs, unless ``forward`` is off:
         the notice came from another node)."""
-        session_for = self.router.session_for
-        sessions = {uid: s for uid in uids if (s := session_for(uid)) is not None}
-        if forward and len(sessions) < len(uids) and self.router.clustered:
-            self.router.forward_lists([uid for uid in uids if uid not in sessions])
-        return self._compare(sessions)
+        find = self.router.user
+        users = {uid: u for uid in uids if (u := find(uid)) is not None}
+        if forward and self.router.clustered and uids:
+            self.router.forward_lists(list(uids))
+        return self._compare(users)
 
-    def _compare(self, sessions: dict[int, Any]) -> Deferred[None]:
-        if not sessions:
+    def _compare(self, users: dict[int, Any]) -> Deferred[None]:
+        if not users:
             return succeed(None)
-        d = self.store.list_versions(list(sessions))
+        d = self.store.list_versions(list(users))
 
         def compare(current: dict[int, tuple[int, ...]]) -> None:
             for uid, versions in current.items():
-                session = sessions[uid]
-                if not session.ended and versions != session.versions:
-                    self.changed(session, versions)
+                user = users[uid]
+                if user.devices and versions != user.versions:
+                    self.changed(user, versions)
 
         return d.addCallback(compare)

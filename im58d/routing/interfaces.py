@@ -1,4 +1,4 @@
-"""The routing layer: which session, and so which connection, a user has."""
+"""The routing layer: which devices, and so which connections, a user has."""
 
 from __future__ import annotations
 
@@ -10,65 +10,72 @@ from zope.interface import Attribute, Interface
 
 
 class IRouter(Interface):
-    """uid -> session.  A user has at most one session, in the whole deployment.
+    """uid -> the user's devices online on this node, and, with several
+    nodes, the deployment's view of them.
 
-    The synchronous methods answer for this node's sessions (a dict lookup,
-    on the message path).  The Deferred ones keep the deployment's view: on
-    one node they answer at once from the dicts; with several nodes they ask
-    the shared registry, so that a session made on one node can be resumed,
-    replaced or ended on another.
+    The synchronous methods answer for this node (dict lookups, on the
+    message path).  The Deferred ones keep the deployment's view: on one
+    node they answer at once; with several nodes they ask the shared
+    registry, so that a device online on one node can resume on another, and
+    presence changes exactly once for the whole deployment.
+
+    A user is an object with ``uid`` and ``devices`` (session id -> device);
+    a device has ``uid``, ``user``, ``session_id`` and ``token``.  The logic
+    layer makes both; the router keeps them.
     """
 
-    clustered = Attribute("True when other nodes may hold sessions.")
+    clustered = Attribute("True when other nodes may hold devices.")
 
-    def attach(session: Any) -> Any:
-        """Make ``session`` the user's session on this node; returns the one it
-        replaced here, or None."""
+    def attach(device: Any) -> bool:
+        """The device (its ``user`` set) is online here; whether it is the
+        user's first device here."""
 
-    def detach(session: Any) -> bool:
-        """Forget ``session`` if it is still the user's here; returns whether it was."""
+    def detach(device: Any) -> bool:
+        """The device is no longer online here; whether it was the user's
+        last device here."""
 
-    def session_for(uid: int) -> Any:
-        """The user's session on this node, or None."""
+    def user(uid: int) -> Any:
+        """The user with devices online here, or None."""
 
-    def session_by_id(session_id: bytes) -> Any:
-        """The session with this id on this node, or None."""
+    def device_by_id(session_id: bytes) -> Any:
+        """The device online here with this session, or None."""
 
-    def session_by_token(token: str) -> Any:
-        """The session with this bearer token on this node, or None."""
+    def device_by_token(token: str) -> Any:
+        """The device online here whose session has this bearer token, or None."""
 
-    def sessions() -> Iterator[Any]:
-        """Every session of this node."""
+    def users() -> Iterator[Any]:
+        """Every user with devices online here."""
+
+    def devices() -> Iterator[Any]:
+        """Every device online here."""
 
     def __len__() -> int:
-        """The number of sessions of this node."""
+        """The number of devices online here."""
 
-    def register(session: Any) -> Deferred[bool]:
-        """A new session (login): record it for the deployment; fires True when
-        it replaced the user's session on another node (which is told)."""
+    def register(device: Any, first: bool) -> Deferred[tuple[bool, bool]]:
+        """Record for the deployment that the device is online here (taking
+        it from another node that held it, which drops its copy quietly);
+        fires with whether it is the user's first device online anywhere
+        (``first``: the first here), and whether the device itself was
+        offline everywhere (not lingering on another node)."""
 
-    def fetch(session_id: bytes) -> Deferred[dict[str, Any] | None]:
-        """The record of a session held by another node (for RESUME): uid, key,
-        token, device, client, started, gen; None when there is none."""
+    def release(device: Any, last: bool, connected: bool) -> Deferred[tuple[bool, bool]]:
+        """The device went offline here (``connected``: its client was on
+        this node until now, as at a BYE); fires with whether the deployment
+        had it here (not taken by another node meanwhile), and whether it was
+        the user's last device online anywhere (``last``: the last here)."""
 
-    def take(session: Any) -> Deferred[bool]:
-        """Move a fetched session to this node; False when it ended or was
-        replaced meanwhile.  The node that held it drops it quietly."""
+    def online_among(uids: list[int]) -> Deferred[list[int]]:
+        """Those of ``uids`` with a device online anywhere."""
 
-    def use_nonce(session_id: bytes, nonce: bytes) -> Deferred[bool]:
-        """Record a RESUME nonce; False when it was used before on any node."""
-
-    def release(session: Any, was_current: bool, connected: bool = False) -> Deferred[bool]:
-        """The session ended here (``connected``: its client was on this
-        node, a BYE); fires whether it was still the user's session in the
-        deployment (then, and only then, friends are told)."""
-
-    def token_uid(token: str) -> Deferred[int | None]:
-        """The uid of the session with this bearer token on any node."""
-
-    def forward(packets: list[tuple[int, int, bytes]]) -> None:
-        """Frames for users with no session on this node, ``(uid, seq, frame)``
-        (seq 0: not a MSG_N): to the nodes that hold their sessions."""
+    def forward(items: list[tuple[int, int, Any, bytes | None]]) -> None:
+        """Packets for users' devices on other nodes, ``(uid, seq, packet,
+        skip)``: seq > 0 for a MSG_N, ``skip`` the session of a device that
+        must not get it (its sender)."""
 
     def forward_lists(uids: list[int]) -> None:
-        """These users' lists changed: their nodes send CHANGED."""
+        """These users' lists changed: their other nodes send CHANGED."""
+
+    def end_elsewhere(session_ids: list[bytes], reason: int) -> None:
+        """These sessions ended: the nodes where their devices are online
+        send KICKED ``reason`` and take them offline."""

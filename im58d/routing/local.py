@@ -16,67 +16,68 @@ class LocalRouter:
     clustered = False
 
     def __init__(self) -> None:
-        self._by_uid: dict[int, Any] = {}
+        self._users: dict[int, Any] = {}
         self._by_id: dict[bytes, Any] = {}
         self._by_token: dict[str, Any] = {}
 
-    def attach(self, session: Any) -> Any:
-        old = self._by_uid.get(session.uid)
-        if old is not None:
-            self._forget(old)
-        self._by_uid[session.uid] = session
-        self._by_id[session.session_id] = session
-        self._by_token[session.token] = session
-        return old
+    def attach(self, device: Any) -> bool:
+        user = device.user
+        first = not user.devices
+        user.devices[device.session_id] = device
+        self._users[user.uid] = user
+        self._by_id[device.session_id] = device
+        self._by_token[device.token] = device
+        return first
 
-    def _forget(self, session: Any) -> None:
-        del self._by_uid[session.uid]
-        self._by_id.pop(session.session_id, None)
-        self._by_token.pop(session.token, None)
-
-    def detach(self, session: Any) -> bool:
-        if self._by_uid.get(session.uid) is not session:
+    def detach(self, device: Any) -> bool:
+        held = self._by_id.get(device.session_id)
+        if held is None or held is not device:
             return False
-        self._forget(session)
+        del self._by_id[device.session_id]
+        self._by_token.pop(device.token, None)
+        user = self._users.get(device.uid)
+        if user is None:
+            return False
+        user.devices.pop(device.session_id, None)
+        if user.devices:
+            return False
+        del self._users[device.uid]
         return True
 
-    def session_for(self, uid: int) -> Any:
-        return self._by_uid.get(uid)
+    def user(self, uid: int) -> Any:
+        return self._users.get(uid)
 
-    def session_by_id(self, session_id: bytes) -> Any:
+    def device_by_id(self, session_id: bytes) -> Any:
         return self._by_id.get(session_id)
 
-    def session_by_token(self, token: str) -> Any:
+    def device_by_token(self, token: str) -> Any:
         return self._by_token.get(token)
 
-    def sessions(self) -> Iterator[Any]:
-        return iter(list(self._by_uid.values()))
+    def users(self) -> Iterator[Any]:
+        return iter(list(self._users.values()))
+
+    def devices(self) -> Iterator[Any]:
+        return iter(list(self._by_id.values()))
 
     def __len__(self) -> int:
-        return len(self._by_uid)
+        return len(self._by_id)
 
     # one node: this node's dicts are the deployment's
 
-    def register(self, session: Any) -> Deferred[bool]:
-        return succeed(False)
+    def register(self, device: Any, first: bool) -> Deferred[tuple[bool, bool]]:
+        return succeed((first, True))
 
-    def fetch(self, session_id: bytes) -> Deferred[dict[str, Any] | None]:
-        return succeed(None)
+    def release(self, device: Any, last: bool, connected: bool) -> Deferred[tuple[bool, bool]]:
+        return succeed((True, last))
 
-    def take(self, session: Any) -> Deferred[bool]:
-        return succeed(False)
+    def online_among(self, uids: list[int]) -> Deferred[list[int]]:
+        return succeed([uid for uid in uids if uid in self._users])
 
-    def use_nonce(self, session_id: bytes, nonce: bytes) -> Deferred[bool]:
-        return succeed(True)
-
-    def release(self, session: Any, was_current: bool, connected: bool = False) -> Deferred[bool]:
-        return succeed(was_current)
-
-    def token_uid(self, token: str) -> Deferred[int | None]:
-        return succeed(None)
-
-    def forward(self, packets: list[tuple[int, int, bytes]]) -> None:
+    def forward(self, items: list[tuple[int, int, Any, bytes | None]]) -> None:
         pass
 
     def forward_lists(self, uids: list[int]) -> None:
+        pass
+
+    def end_elsewhere(self, session_ids: list[bytes], reason: int) -> None:
         pass

@@ -1,31 +1,34 @@
-"""Routing across nodes through one Redis: node registry, shared sessions,
-delivery to other nodes by pub/sub.
+"""Routing across nodes through one Redis: node registry, which node each
+online device is on, delivery to other nodes by pub/sub.
 
-Each node keeps its own sessions in the dicts of ``LocalRouter`` (the message
-path looks there and nowhere else); Redis holds what the other nodes need:
+Each node keeps its online devices in the dicts of ``LocalRouter`` (the
+message path looks there and nowhere else); the store, shared by every
+node, holds the sessions themselves; Redis holds what the nodes need of
+each other:
 
-====================  ==========================================================
-``im58d:nodes``       SET of node ids that registered
-``im58d:node:ID``     the node's entry (JSON: servers, load), with a TTL that
-                      the node refreshes: while it exists, the node is alive
-``im58d:users``       HASH uid -> ``"NODE SID"``: the user's session and its node
-``im58d:session:SID`` HASH uid, key, token, device, client, started, node, gen
-``im58d:token:TOKEN`` the SID of the session with this bearer token
-``im58d:held:NODE``   SET of the SIDs a node holds (adopted when it dies)
-``im58d:nonce:SID:N`` a RESUME nonce seen, kept for twice the RESUME window
-``im58d:epoch``       set by the first node: a new one means Redis lost its data
-====================  ==========================================================
+=====================  =========================================================
+``im58d:nodes``        SET of node ids that registered
+``im58d:node:ID``      the node's entry (JSON: servers, load), with a TTL that
+                       the node refreshes: while it exists, the node is alive
+``im58d:users``        HASH uid -> ``"SID@NODE SID@NODE ..."``: the user's
+                       devices online anywhere, and where
+``im58d:session:SID``  HASH: a copy of an online device's session record (uid,
+                       key, token, device, device_id, name, client, nonce,
+                       acked), its node and gen (how often it moved)
+``im58d:held:NODE``    SET of ``"UID SID"`` a node holds (adopted when it dies)
+``im58d:epoch``        set by the first node: a new one means Redis lost its data
+=====================  =========================================================
 
 SIDs are in hex.  Every change of more than one key is a Lua script, so that
-two nodes racing for a session see one winner.  A node listens on the
+two nodes racing for a device see one winner.  A node listens on the
 channel ``im58d:to:NODE``; what comes there is a msgpack array whose first
-item says what it is (``PACKETS``, ``LISTS``, ``MOVED``, ``REPLACED``).
+item says what it is (``PACKETS``, ``LISTS``, ``MOVED``, ``ENDED``).
 
 Messages are never in Redis: they are in the store before anything is
 published, so a lost publication delays a push (the receiver's node catches
 up from the store), it loses nothing.  While Redis is unreachable the node
 serves its own users and retries; when it is back the node records its
-sessions again and catches up.
+devices again and catches up.
 """
 
 from __future__ import annotations
@@ -55,130 +58,138 @@ log = Logger()
 
 PREFIX = "im58d:"
 # what comes on a node's channel
-PACKETS, LISTS, MOVED, REPLACED = range(4)
+PACKETS, LISTS, MOVED, ENDED = range(4)
 # seconds a Redis command may take before the connection counts as broken
 REPLY_TIMEOUT = 5
-# seconds a RESUME nonce is remembered (twice the RESUME window)
-NONCE_TTL = 600
-# PRESENCE and ACK_N frames for other nodes kept while Redis is away
+# PRESENCE, CHANGED, ACK_N and KICKED notices for other nodes kept while
+# Redis is away
 FRAMES_AWAY = 10_000
-# fields of a session record, in the order the scripts return them
-RECORD = ("uid", "key", "token", "device", "client", "started", "gen")
+# fields of a session copy, in the order the scripts take and return them
+RECORD = ("uid", "key", "token", "device", "device_id", "name", "client", "nonce", "acked")
 
-_REGISTER = """
-local me, sid, uid = ARGV[1], ARGV[2], ARGV[3]
-local old = redis.call('HGET', 'im58d:users', uid)
-if old then
-  local onode, osid = string.match(old, '^(%S+) (%S+)$')
-  local otoken = redis.call('HGET', 'im58d:session:' .. osid, 'token')
-  if otoken then redis.call('DEL', 'im58d:token:' .. otoken) end
-  redis.call('DEL', 'im58d:session:' .. osid)
-  redis.call('SREM', 'im58d:held:' .. onode, osid)
+# Lua helpers shared by the scripts: a user's entry is "SID@NODE ..."
+_ENTRY = """
+local function parse(entry)
+  local out = {}
+  if entry then
+    for item in string.gmatch(entry, '%S+') do
+      local s, n = string.match(item, '^(%x+)@(%S+)$')
+      if s then table.insert(out, {s, n}) end
+    end
+  end
+  return out
 end
-redis.call('HSET', 'im58d:session:' .. sid, 'uid', uid, 'key', ARGV[4], 'token', ARGV[5],
-           'device', ARGV[6], 'client', ARGV[7], 'started', ARGV[8], 'node', me, 'gen', 0)
-redis.call('SET', 'im58d:token:' .. ARGV[5], sid)
-redis.call('HSET', 'im58d:users', uid, me .. ' ' .. sid)
-redis.call('SADD', 'im58d:held:' .. me, sid)
-return old
+local function store(uid, devices)
+  if #devices == 0 then
+    redis.call('HDEL', 'im58d:users', uid)
+  else
+    local items = {}
+    for _, d in ipairs(devices) do table.insert(items, d[1] .. '@' .. d[2]) end
+    redis.call('HSET', 'im58d:users', uid, table.concat(items, ' '))
+  end
+end
+local function record(sid, me, gen)
+  redis.call('HSET', 'im58d:session:' .. sid, 'uid', ARGV[3], 'key', ARGV[4],
+             'token', ARGV[5], 'device', ARGV[6], 'device_id', ARGV[7], 'name', ARGV[8],
+             'client', ARGV[9], 'nonce', ARGV[10], 'acked', ARGV[11], 'node', me, 'gen', gen)
+end
 """
 
-_TAKE = """
+# A device online here (sign-in, RESUME, adoption).  Taken from another
+# node if it was there (gen moves on; that node drops its copy).  Returns
+# {was it the user's first device online anywhere, was the device itself
+# offline everywhere, the other node it came from or '', gen, 1}.  ARGV: me,
+# sid, RECORD..., the gen of the node's copy, restored: the device was
+# online before Redis lost its data (``on_fresh``), its friends know it:
+# it is neither first nor fresh, and it is not taken from a node that
+# recorded it again meanwhile (then {0, 0, that node, gen, 0}).
+_REGISTER = _ENTRY + """
 local me, sid, uid = ARGV[1], ARGV[2], ARGV[3]
-local current = redis.call('HGET', 'im58d:users', uid)
-if not current then return false end
-local onode, osid = string.match(current, '^(%S+) (%S+)$')
-if osid ~= sid then return false end
-redis.call('HSET', 'im58d:users', uid, me .. ' ' .. sid)
-redis.call('HSET', 'im58d:session:' .. sid, 'node', me)
-local gen = redis.call('HINCRBY', 'im58d:session:' .. sid, 'gen', 1)
-redis.call('SMOVE', 'im58d:held:' .. onode, 'im58d:held:' .. me, sid)
-return {onode, gen}
+local restored = ARGV[13] == '1'
+local key = 'im58d:session:' .. sid
+local others, from = {}, ''
+for _, d in ipairs(parse(redis.call('HGET', 'im58d:users', uid))) do
+  if d[1] == sid then from = d[2] else table.insert(others, d) end
+end
+local gen = math.max(tonumber(redis.call('HGET', key, 'gen') or '0'), tonumber(ARGV[12]))
+if restored and from ~= '' and from ~= me then return {0, 0, from, gen, 0} end
+if from ~= '' and from ~= me then
+  gen = gen + 1
+  redis.call('SREM', 'im58d:held:' .. from, uid .. ' ' .. sid)
+end
+local fresh = from == '' and not restored
+local first = #others == 0 and fresh
+table.insert(others, {sid, me})
+store(uid, others)
+record(sid, me, gen)
+redis.call('SADD', 'im58d:held:' .. me, uid .. ' ' .. sid)
+if from == me then from = '' end
+return {first and 1 or 0, fresh and 1 or 0, from, gen, 1}
 """
 
-# A session ended here.  Announced (the friends were told while Redis was
-# away, a BYE): removed even if another node adopted it meanwhile, and that
-# node is named, to drop its copy.  Returns {was it the user's session,
-# the node that holds it now or ''}.
-_RELEASE = """
+# A device went offline here.  Announced (its BYE came while Redis was
+# away): removed even if another node adopted it meanwhile, and that node
+# is named, to drop its copy.  Returns {was it here, was it the user's last
+# device anywhere, the node that held it or ''}.  ARGV: me, sid, uid,
+# announced.
+_RELEASE = _ENTRY + """
 local me, sid, uid, announced = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
-local key = 'im58d:session:' .. sid
-local current = redis.call('HGET', 'im58d:users', uid)
-local mine = current == me .. ' ' .. sid
-local holder = ''
-if current and not mine and announced then
-  local onode, osid = string.match(current, '^(%S+) (%S+)$')
-  if osid == sid then
-    holder, mine = onode, true
-    redis.call('SREM', 'im58d:held:' .. onode, sid)
+local others, mine, holder = {}, false, ''
+for _, d in ipairs(parse(redis.call('HGET', 'im58d:users', uid))) do
+  if d[1] == sid and (d[2] == me or announced) then
+    mine = true
+    if d[2] ~= me then holder = d[2] end
+  else
+    table.insert(others, d)
   end
 end
-if mine then redis.call('HDEL', 'im58d:users', uid) end
-local node = redis.call('HGET', key, 'node')
-if node == me or (holder ~= '' and node == holder) then
-  local token = redis.call('HGET', key, 'token')
-  if token then redis.call('DEL', 'im58d:token:' .. token) end
-  redis.call('DEL', key)
+if mine then
+  store(uid, others)
+  redis.call('DEL', 'im58d:session:' .. sid)
+  if holder ~= '' then redis.call('SREM', 'im58d:held:' .. holder, uid .. ' ' .. sid) end
 end
-redis.call('SREM', 'im58d:held:' .. me, sid)
-if mine then return {1, holder} end
-return {0, holder}
+redis.call('SREM', 'im58d:held:' .. me, uid .. ' ' .. sid)
+return {mine and 1 or 0, (mine and #others == 0) and 1 or 0, holder}
 """
 
-# A session this node kept while Redis was away, recorded again.  Held by
-# another node: that node adopted it (taken back if its client is connected
-# here) or its client resumed there (a take moved gen on: it stays there).
-# Of two sessions of one user (two logins on two nodes during the outage)
-# the one that started later stays.  Known to Redis before and gone from it
-# now: the node that adopted it ended it (and told the friends).
-# ARGV: me, sid, uid, key, token, device, client, started, connected, gen,
-# known.
-_REJOIN = """
+# A device this node kept online while Redis was away, recorded again.
+# Online on another node: its client resumed there (gen moved on: it stays
+# there), or that node adopted it (taken back if its client is connected
+# here).  Known to Redis before and gone from it now: the node that
+# adopted it took it offline (and told the friends).  Returns {what, first,
+# node, gen}.  ARGV: me, sid, RECORD..., connected, gen, known.
+_REJOIN = _ENTRY + """
 local me, sid, uid = ARGV[1], ARGV[2], ARGV[3]
-local connected, lgen, known = ARGV[9] == '1', tonumber(ARGV[10]), ARGV[11] == '1'
+local connected, lgen, known = ARGV[12] == '1', tonumber(ARGV[13]), ARGV[14] == '1'
 local key = 'im58d:session:' .. sid
-local current = redis.call('HGET', 'im58d:users', uid)
-local replaced, revived = false, false
-if current then
-  local onode, osid = string.match(current, '^(%S+) (%S+)$')
-  if osid ~= sid then
-    local started = redis.call('HGET', 'im58d:session:' .. osid, 'started')
-    if started and tonumber(started) >= tonumber(ARGV[8]) then return {'replaced'} end
-    local otoken = redis.call('HGET', 'im58d:session:' .. osid, 'token')
-    if otoken then redis.call('DEL', 'im58d:token:' .. otoken) end
-    redis.call('DEL', 'im58d:session:' .. osid)
-    redis.call('SREM', 'im58d:held:' .. onode, osid)
-    if onode ~= me then replaced = {'displaced', onode, osid} end
-  elseif onode ~= me then
-    local gen = tonumber(redis.call('HGET', key, 'gen') or '0')
-    if gen > lgen or not connected then return {'moved', gen} end
-    redis.call('HSET', 'im58d:users', uid, me .. ' ' .. sid)
-    redis.call('HSET', key, 'node', me)
-    gen = redis.call('HINCRBY', key, 'gen', 1)
-    redis.call('SMOVE', 'im58d:held:' .. onode, 'im58d:held:' .. me, sid)
-    return {'taken', onode, gen}
-  end
-elseif known and redis.call('EXISTS', key) == 0 then
-  if not connected then return {'ended'} end
-  revived = true
+local others, holder = {}, nil
+for _, d in ipairs(parse(redis.call('HGET', 'im58d:users', uid))) do
+  if d[1] == sid then holder = d[2] else table.insert(others, d) end
 end
 local gen = tonumber(redis.call('HGET', key, 'gen') or '0')
+local what = 'ok'
+if holder and holder ~= me then
+  if gen > lgen or not connected then return {'moved', 0, holder, gen} end
+  gen = gen + 1
+  redis.call('SREM', 'im58d:held:' .. holder, uid .. ' ' .. sid)
+  what = 'taken'
+elseif not holder and known and redis.call('EXISTS', key) == 0 then
+  if not connected then return {'ended', 0, '', 0} end
+  what = 'revived'
+end
 if lgen > gen then gen = lgen end
-redis.call('HSET', key, 'uid', uid, 'key', ARGV[4], 'token', ARGV[5], 'device', ARGV[6],
-           'client', ARGV[7], 'started', ARGV[8], 'node', me, 'gen', gen)
-redis.call('SET', 'im58d:token:' .. ARGV[5], sid)
-redis.call('HSET', 'im58d:users', uid, me .. ' ' .. sid)
-redis.call('SADD', 'im58d:held:' .. me, sid)
-if replaced then return replaced end
-if revived then return {'revived'} end
-return {'ok'}
+table.insert(others, {sid, me})
+store(uid, others)
+record(sid, me, gen)
+redis.call('SADD', 'im58d:held:' .. me, uid .. ' ' .. sid)
+return {what, #others == 1 and 1 or 0, holder or '', gen}
 """
 
-# The node's entry, refreshed; the live entries; the sessions of nodes
-# whose entry expired move to this node (exactly one node removes a dead
-# node from the set, so exactly one adopts its sessions); whether this
-# node's own entry was still there (else it may have been adopted).
-_REFRESH = """
+# The node's entry, refreshed; the live entries; the devices of nodes whose
+# entry expired move to this node (exactly one node removes a dead node
+# from the set, so exactly one adopts its devices); whether this node's own
+# entry was still there (else it may have been adopted).
+_REFRESH = _ENTRY + """
 local me, entry, ttl = ARGV[1], ARGV[2], ARGV[3]
 local known = redis.call('EXISTS', 'im58d:node:' .. me)
 redis.call('SET', 'im58d:node:' .. me, entry, 'EX', ttl)
@@ -190,12 +201,16 @@ for _, id in ipairs(redis.call('SMEMBERS', 'im58d:nodes')) do
     table.insert(alive, e)
   else
     redis.call('SREM', 'im58d:nodes', id)
-    for _, sid in ipairs(redis.call('SMEMBERS', 'im58d:held:' .. id)) do
-      local uid = redis.call('HGET', 'im58d:session:' .. sid, 'uid')
-      if uid and redis.call('HGET', 'im58d:users', uid) == id .. ' ' .. sid then
-        redis.call('HSET', 'im58d:users', uid, me .. ' ' .. sid)
+    for _, held in ipairs(redis.call('SMEMBERS', 'im58d:held:' .. id)) do
+      local uid, sid = string.match(held, '^(%d+) (%x+)$')
+      local devices, moved = parse(redis.call('HGET', 'im58d:users', uid)), false
+      for _, d in ipairs(devices) do
+        if d[1] == sid and d[2] == id then d[2] = me; moved = true end
+      end
+      if moved then
+        store(uid, devices)
         redis.call('HSET', 'im58d:session:' .. sid, 'node', me)
-        redis.call('SADD', 'im58d:held:' .. me, sid)
+        redis.call('SADD', 'im58d:held:' .. me, held)
         adopted = adopted + 1
       end
     end
@@ -205,33 +220,42 @@ end
 return {alive, adopted, known}
 """
 
-# The records of the sessions this node holds in Redis (stale SIDs dropped).
-_HELD = """
+# The copies of the devices this node holds in Redis (stale entries dropped).
+_HELD = _ENTRY + """
 local me = ARGV[1]
 local out = {}
-for _, sid in ipairs(redis.call('SMEMBERS', 'im58d:held:' .. me)) do
-  local r = redis.call('HMGET', 'im58d:session:' .. sid,
-                       'uid', 'key', 'token', 'device', 'client', 'started', 'gen')
-  if r[1] and redis.call('HGET', 'im58d:users', r[1]) == me .. ' ' .. sid then
-    table.insert(out, {sid, r[1], r[2], r[3], r[4], r[5], r[6], r[7]})
+for _, held in ipairs(redis.call('SMEMBERS', 'im58d:held:' .. me)) do
+  local uid, sid = string.match(held, '^(%d+) (%x+)$')
+  local here = false
+  for _, d in ipairs(parse(redis.call('HGET', 'im58d:users', uid))) do
+    if d[1] == sid and d[2] == me then here = true end
+  end
+  local r = redis.call('HMGET', 'im58d:session:' .. sid, 'uid', 'key', 'token', 'device',
+                       'device_id', 'name', 'client', 'nonce', 'acked', 'gen')
+  if here and r[1] then
+    table.insert(out, {sid, r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10]})
   else
-    redis.call('SREM', 'im58d:held:' .. me, sid)
+    redis.call('SREM', 'im58d:held:' .. me, held)
   end
 end
 return out
 """
 
-# The deployment's Redis epoch: a new one when Redis lost its data (it was
-# restarted without persistence), when nothing it held can be trusted.
-_EPOCH = """
-redis.call('SET', 'im58d:epoch', ARGV[1], 'NX')
-return redis.call('GET', 'im58d:epoch')
+# The nodes that hold these sessions' devices ('' where none does).
+_WHERE = """
+local out = {}
+for i, sid in ipairs(ARGV) do
+  out[i] = redis.call('HGET', 'im58d:session:' .. sid, 'node') or ''
+end
+return out
 """
 
-_TOKEN = """
-local sid = redis.call('GET', 'im58d:token:' .. ARGV[1])
-if not sid then return false end
-return redis.call('HGET', 'im58d:session:' .. sid, 'uid')
+# The deployment's Redis epoch: a new one when Redis lost its data (it was
+# restarted without persistence), when nothing it held can be trusted; and
+# whether this node made it (the first node of a fresh Redis).
+_EPOCH = """
+local made = redis.call('SET', 'im58d:epoch', ARGV[1], 'NX')
+return {redis.call('GET', 'im58d:epoch'), made and 1 or 0}
 """
 
 
@@ -246,16 +270,21 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def record_from(values: list[Any]) -> dict[str, Any]:
-    """A session record from the fields of RECORD as Redis returns them."""
-    uid, key, token, device, client, started, gen = values
+def record_from(sid: bytes, values: list[Any]) -> dict[str, Any]:
+    """A session record from a copy's fields (RECORD, then gen) as Redis
+    returns them."""
+    uid, key, token, device, device_id, name, client, nonce, acked, gen = values
     return {
+        "session_id": sid,
         "uid": int(uid),
         "key": bytes(key),
         "token": _text(token),
-        "device": _text(device),
+        "device": int(device),
+        "device_id": bytes(device_id),
+        "name": _text(name),
         "client": _text(client) or None,
-        "started": float(started),
+        "nonce": bytes(nonce),
+        "acked": int(acked or 0),
         "gen": int(gen or 0),
     }
 
@@ -295,15 +324,18 @@ class _Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
 
 @implementer(IRouter)
 class RedisRouter(LocalRouter):
-    """``LocalRouter`` for this node's sessions, Redis for the deployment's.
+    """``LocalRouter`` for this node's devices, Redis for the deployment's.
 
     The handlers (``on_*``) are set by whoever assembles the daemon:
-    ``on_packets(items)`` pushes forwarded frames, ``on_lists(uids)`` sends
-    CHANGED, ``on_gone(session_id, gen, replaced)`` drops a session another
-    node took, ``on_adopt(records)`` keeps sessions of a dead node lingering
-    here, ``on_revived(session)`` tells the friends of a connected user whose
-    session another node ended during an outage that the user is online,
-    ``on_rejoined()`` catches up after an outage.
+    ``on_packets(items)`` pushes packets other nodes forwarded,
+    ``on_lists(uids)`` sends CHANGED, ``on_gone(session_id, gen)`` drops a
+    device whose client resumed on another node, ``on_ended(session_id,
+    reason)`` ends a session another node ended, ``on_adopt(records)`` keeps
+    devices of a dead node lingering here, ``on_revived(user)`` tells the
+    friends on other nodes that a user whose device another node took
+    offline during an outage is online, ``on_rejoined()`` catches up after
+    an outage, ``on_fresh()`` (the first node of an empty Redis) keeps the
+    devices the store says were online lingering here.
     """
 
     clustered = True
@@ -314,11 +346,15 @@ class RedisRouter(LocalRouter):
         clock: IReactorTime,
         iplist: IPList,
         servers: Callable[[], list[AccessServer]],
+        codes: dict[type, int],
         node_ttl: int = 15,
         node: str | None = None,
     ) -> None:
         super().__init__()
         self.endpoint = endpoint
+        # the type byte of each packet class the logic layer forwards: a
+        # packet travels as (code, fields), the router knows no classes
+        self.codes = codes
         self.clock = clock
         self.iplist = iplist
         self.servers = servers
@@ -327,10 +363,12 @@ class RedisRouter(LocalRouter):
         self.channel = f"{PREFIX}to:{self.node}"
         self.on_packets: Callable[[list[Any]], None] = lambda items: None
         self.on_lists: Callable[[list[int]], Any] = lambda uids: None
-        self.on_gone: Callable[[bytes, int | None, bool], None] = lambda *a: None
+        self.on_gone: Callable[[bytes, int | None], None] = lambda *a: None
+        self.on_ended: Callable[[bytes, int], Any] = lambda *a: None
         self.on_adopt: Callable[[list[dict[str, Any]]], None] = lambda records: None
-        self.on_revived: Callable[[Any], None] = lambda session: None
+        self.on_revived: Callable[[Any], None] = lambda user: None
         self.on_rejoined: Callable[[], Any] = lambda: None
+        self.on_fresh: Callable[[], Any] = lambda: None
         self.up = False
         self.started = 0.0
         self._commands = _Link(self, txredisapi.RedisProtocol, "commands")
@@ -339,17 +377,23 @@ class RedisRouter(LocalRouter):
         self._stopping = False
         self._refresher = LoopingCall(self._refresh_now)
         self._refresher.clock = clock
-        # sessions that ended while Redis was away: released on rejoin, and
-        # then, if the ending waits for it, whether to tell the friends
-        self._ended_away: list[tuple[str, int, Deferred[bool] | None]] = []
-        # until when no other node can have adopted this node's sessions
+        # devices that went offline while Redis was away: released on
+        # rejoin, and then, if the release waits for it, whether they were
+        # their user's last
+        self._ended_away: list[tuple[str, int, Deferred[tuple[bool, bool]] | None]] = []
+        # until when no other node can have adopted this node's devices
         # (its registry entry lives till then); None before the first join
         self._entry_until: float | None = None
         self._epoch: bytes | None = None
-        # sessions made while Redis was away (Redis never knew them)
+        # devices that came online while Redis was away (Redis never knew
+        # them here)
         self._made_away: set[bytes] = set()
-        # PRESENCE and ACK_N frames for other nodes, sent when Redis is back
-        self._frames_away: list[tuple[int, int, bytes]] = []
+        # on_fresh runs: the lingering devices it registers were online
+        # before Redis lost its data
+        self._restoring = False
+        # notices for other nodes (not MSG_N), sent when Redis is back
+        self._frames_away: list[tuple[int, int, Any, bytes | None]] = []
+        self._kicks_away: list[tuple[bytes, int]] = []
         self._outage_logged = False
         self._joining: Deferred[None] | None = None
         # counters (metrics)
@@ -438,39 +482,51 @@ class RedisRouter(LocalRouter):
     @inlineCallbacks
     def _join(self) -> Any:
         """Redis is (back) here: record what happened meanwhile, then serve
-        the deployment again.  Logins from here on register as usual."""
+        the deployment again.  Devices coming online from here on register
+        as usual."""
         self.up = True
         ended, self._ended_away = self._ended_away, []
         try:
-            epoch = yield self._eval(_EPOCH, os.urandom(8).hex())
+            epoch, made = yield self._eval(_EPOCH, os.urandom(8).hex())
             # an empty Redis knows of no other node's claim: this node's
-            # view of the sessions that ended meanwhile is the answer
+            # view of the devices that went offline meanwhile is the answer
             lost = self._epoch is not None and epoch != self._epoch
             if lost:
                 log.warn("Redis at {endpoint} lost its data: recording this node's "
-                         "sessions again", endpoint=self.endpoint)
+                         "devices again", endpoint=self.endpoint)
             # the entry first, so that no node takes this one for dead (and
-            # adopts what it records) while it records its sessions
+            # adopts what it records) while it records its devices
             yield self._refresh(sync=False)
             # before anything newer of the same users goes out
             frames, self._frames_away = self._frames_away, []
             self.forward(frames)
+            kicks, self._kicks_away = self._kicks_away, []
+            for ended_sid, reason in kicks:
+                self.end_elsewhere([ended_sid], reason)
             while ended:
                 sid, uid, told = ended[0]
-                mine, holder = yield self._eval(_RELEASE, self.node, sid, uid,
-                                                "1" if told is None else "0")
+                mine, last, holder = yield self._eval(_RELEASE, self.node, sid, uid,
+                                                      "1" if told is None else "0")
                 del ended[0]
                 if holder:  # adopted meanwhile: that node drops its copy
-                    self._publish(_text(holder), [REPLACED, bytes.fromhex(sid)])
+                    self._publish(_text(holder), [MOVED, bytes.fromhex(sid), None])
                 if told is not None:
-                    told.callback(bool(mine) or lost)
-            for session in list(self._by_uid.values()):
-                if not session.ended:
-                    known = not lost and session.session_id not in self._made_away
-                    yield self._rejoin(session, known)
+                    told.callback((bool(int(mine)) or lost, bool(int(last)) or lost))
+            for device in list(self._by_id.values()):
+                if not device.ended:
+                    known = not lost and device.session_id not in self._made_away
+                    yield self._rejoin(device, known)
             self._epoch = epoch
             self._made_away.clear()
             yield self._sync_held()
+            if int(made):
+                # the first node of a fresh Redis: the devices the store says
+                # were online (a restart of the deployment) linger here
+                self._restoring = True
+                try:
+                    yield self.on_fresh()
+                finally:
+                    self._restoring = False
         except Exception as e:
             self._ended_away[:0] = ended
             self.up = False
@@ -482,7 +538,7 @@ class RedisRouter(LocalRouter):
         finally:
             self._joining = None
         log.info(
-            "node {node} joined through Redis at {endpoint}: {n} sessions here",
+            "node {node} joined through Redis at {endpoint}: {n} devices here",
             node=self.node, endpoint=self.endpoint, n=len(self),
         )
         self._outage_logged = False
@@ -492,26 +548,26 @@ class RedisRouter(LocalRouter):
             log.failure("catching up after joining")
 
     @inlineCallbacks
-    def _rejoin(self, session: Any, known: bool) -> Any:
-        """``known``: Redis knew the session before the outage (it was not
-        made meanwhile, and Redis did not lose its data)."""
-        connected = "1" if session.connection is not None else "0"
-        reply = yield self._eval(_REJOIN, self.node, *_register_args(session), connected,
-                                 session.gen, "1" if known else "0")
-        what = _text(reply[0])
-        if what == "replaced":
-            self.on_gone(session.session_id, None, True)
-        elif what in ("moved", "ended"):
-            # resumed on, or adopted by, another node; or ended there (its
-            # friends were told): not this node's any more
-            self.on_gone(session.session_id, None, False)
-        elif what == "revived":  # ended elsewhere, its client is here: online
-            self.on_revived(session)
-        elif what == "taken":
-            session.gen = int(reply[2])
-            self._publish(_text(reply[1]), [MOVED, session.session_id, session.gen])
-        elif what == "displaced":  # an older session of the user, on another node
-            self._publish(_text(reply[1]), [REPLACED, bytes.fromhex(_text(reply[2]))])
+    def _rejoin(self, device: Any, known: bool) -> Any:
+        """``known``: Redis knew the device online before the outage (it did
+        not come online meanwhile, and Redis did not lose its data)."""
+        connected = "1" if device.connection is not None else "0"
+        what, first, holder, gen = yield self._eval(
+            _REJOIN, self.node, *_record_args(device), connected, device.gen,
+            "1" if known else "0")
+        what = _text(what)
+        if what in ("moved", "ended"):
+            # resumed on, or adopted by, another node; or taken offline there
+            # (its friends were told): not this node's any more
+            self.on_gone(device.session_id, None)
+            return
+        device.gen = int(gen)
+        if what == "taken":
+            self._publish(_text(holder), [MOVED, device.session_id, device.gen])
+        if (what == "revived" or device.session_id in self._made_away) and int(first):
+            # the friends on other nodes were told the user was offline, or
+            # never told the user came online
+            self.on_revived(device.user)
 
     # Redis calls
 
@@ -546,9 +602,10 @@ class RedisRouter(LocalRouter):
             elif kind == LISTS:
                 self.on_lists(rest[0])
             elif kind == MOVED:
-                self.on_gone(rest[0], rest[1], False)
-            elif kind == REPLACED:
-                self.on_gone(rest[0], None, True)
+                self.on_gone(rest[0], rest[1])
+            elif kind == ENDED:
+                for sid in rest[0]:
+                    self.on_ended(sid, rest[1])
         except Exception:
             log.failure("handling a message from another node")
 
@@ -573,7 +630,7 @@ class RedisRouter(LocalRouter):
             self._subscriber.connection.transport.abortConnection()
         elif not known and self.up:
             # the entry expired (a stall longer than node_ttl): the other
-            # nodes took this one for dead and may have adopted its sessions
+            # nodes took this one for dead and may have adopted its devices
             log.warn("node {node} was taken for dead: joining again", node=self.node)
             self.up = False
             self.outages += 1
@@ -582,7 +639,7 @@ class RedisRouter(LocalRouter):
     @inlineCallbacks
     def _refresh(self, sync: bool = True) -> Any:
         """The entry, the IP list, adoption; ``sync``: keep what was adopted
-        (off while joining: the join does it once its sessions are recorded)."""
+        (off while joining: the join does it once its devices are recorded)."""
         servers = sorted(self.servers(), key=_order)
         entry = json.dumps({
             "id": self.node,
@@ -605,7 +662,7 @@ class RedisRouter(LocalRouter):
             log.info("the IP list is now version {version}: {n} servers",
                      version=self.iplist.version, n=len(listed))
         if adopted:
-            log.info("node {node} adopted {n} sessions of nodes that stopped",
+            log.info("node {node} adopted {n} devices of nodes that stopped",
                      node=self.node, n=adopted)
             if sync:
                 yield self._sync_held()
@@ -613,120 +670,98 @@ class RedisRouter(LocalRouter):
 
     @inlineCallbacks
     def _sync_held(self) -> Any:
-        """Sessions Redis says this node holds and it does not: adopted."""
+        """Devices Redis says this node holds and it does not: adopted."""
         rows = yield self._eval(_HELD, self.node)
         records = []
         for sid_hex, *values in rows:
             sid = bytes.fromhex(_text(sid_hex))
-            if sid in self._by_id:
-                continue
-            record = record_from(values)
-            record["session_id"] = sid
-            records.append(record)
+            if sid not in self._by_id:
+                records.append(record_from(sid, values))
         if records:
             self.on_adopt(records)
 
     # IRouter, the deployment's side
 
-    def register(self, session: Any) -> Deferred[bool]:
+    def register(self, device: Any, first: bool) -> Deferred[tuple[bool, bool]]:
         if not self.up:
-            self._made_away.add(session.session_id)
-            return succeed(False)  # recorded when Redis is back
-        d = self._eval(_REGISTER, self.node, *_register_args(session))
+            self._made_away.add(device.session_id)
+            return succeed((first, True))  # recorded when Redis is back
+        restored = self._restoring and device.connection is None
+        d = self._eval(_REGISTER, self.node, *_record_args(device), device.gen,
+                       "1" if restored else "0")
         return d.addCallbacks(self._registered, self._register_failed,
-                              errbackArgs=(session,))
+                              callbackArgs=(device,), errbackArgs=(device, first))
 
-    def _register_failed(self, failure: Failure, session: Any) -> bool:
-        self._made_away.add(session.session_id)
-        return bool(self._away(failure, False))
+    def _register_failed(self, failure: Failure, device: Any, first: bool
+                         ) -> tuple[bool, bool]:
+        self._made_away.add(device.session_id)
+        answer: tuple[bool, bool] = self._away(failure, (first, True))
+        return answer
 
-    def _registered(self, old: bytes | None) -> bool:
-        if old is None:
-            return False
-        node, sid = _text(old).split(" ")
-        if node != self.node:
-            self._publish(node, [REPLACED, bytes.fromhex(sid)])
-        return True
+    def _registered(self, reply: list[Any], device: Any) -> tuple[bool, bool]:
+        first, fresh, moved_from, gen, recorded = reply
+        if not int(recorded):
+            # restored, but the node that holds it recorded it again first:
+            # this copy goes quietly
+            self.on_gone(device.session_id, None)
+            return False, False
+        device.gen = int(gen)
+        if moved_from:  # its client resumed here: that node drops its copy
+            self._publish(_text(moved_from), [MOVED, device.session_id, device.gen])
+        return bool(int(first)), bool(int(fresh))
 
-    def fetch(self, session_id: bytes) -> Deferred[dict[str, Any] | None]:
+    def release(self, device: Any, last: bool, connected: bool) -> Deferred[tuple[bool, bool]]:
+        sid = device.session_id.hex()
         if not self.up:
-            return succeed(None)
-        d = self._call("HMGET", f"{PREFIX}session:{session_id.hex()}", *RECORD)
-        return d.addCallbacks(
-            lambda values: None if values[0] is None else record_from(values),
-            self._away, errbackArgs=(None,),
-        )
+            return self._release_later(sid, device.uid, last, connected)
+        d = self._eval(_RELEASE, self.node, sid, device.uid, "0")
+        return d.addCallbacks(lambda reply: (bool(int(reply[0])), bool(int(reply[1]))),
+                              self._release_failed,
+                              errbackArgs=(sid, device.uid, last, connected))
 
-    def take(self, session: Any) -> Deferred[bool]:
-        if not self.up:
-            return succeed(False)
-        d = self._eval(_TAKE, self.node, session.session_id.hex(), session.uid)
-        return d.addCallbacks(self._taken, self._away, callbackArgs=(session,),
-                              errbackArgs=(False,))
-
-    def _taken(self, reply: list[Any] | None, session: Any) -> bool:
-        if not reply:
-            return False
-        node, gen = _text(reply[0]), int(reply[1])
-        session.gen = gen
-        if node != self.node:
-            self._publish(node, [MOVED, session.session_id, gen])
-        return True
-
-    def use_nonce(self, session_id: bytes, nonce: bytes) -> Deferred[bool]:
-        if not self.up:
-            return succeed(True)  # this node's own check still applies
-        key = f"{PREFIX}nonce:{session_id.hex()}:{nonce.hex()}"
-        d = self._call("SET", key, 1, "NX", "EX", NONCE_TTL)
-        return d.addCallbacks(lambda reply: reply is not None, self._away, errbackArgs=(True,))
-
-    def release(self, session: Any, was_current: bool, connected: bool = False) -> Deferred[bool]:
-        sid = session.session_id.hex()
-        if not self.up:
-            return self._release_later(sid, session.uid, was_current, connected)
-        d = self._eval(_RELEASE, self.node, sid, session.uid, "0")
-        return d.addCallbacks(lambda reply: bool(reply[0]) and was_current, self._release_failed,
-                              errbackArgs=(sid, session.uid, was_current, connected))
-
-    def _release_failed(self, failure: Failure, sid: str, uid: int, was_current: bool,
-                        connected: bool) -> Deferred[bool]:
+    def _release_failed(self, failure: Failure, sid: str, uid: int, last: bool,
+                        connected: bool) -> Deferred[tuple[bool, bool]]:
         self._away(failure, None)
-        return self._release_later(sid, uid, was_current, connected)
+        return self._release_later(sid, uid, last, connected)
 
-    def _release_later(self, sid: str, uid: int, was_current: bool,
-                       connected: bool) -> Deferred[bool]:
-        """Released on rejoin.  Whether the friends are told is known at
-        once when no other node can have the session (it never joined, or
-        the client said BYE here before this node's entry could expire);
-        else only Redis knows whether the client resumed elsewhere or
-        another node adopted it, and the answer waits for the rejoin."""
+    def _release_later(self, sid: str, uid: int, last: bool, connected: bool
+                       ) -> Deferred[tuple[bool, bool]]:
+        """Released on rejoin.  The answer is known at once when no other
+        node can have the device (it never joined, or its client said BYE
+        here before this node's entry could expire); else only Redis knows
+        whether the client resumed elsewhere or another node adopted it,
+        and the answer waits for the rejoin."""
         until = self._entry_until
         if until is None or (connected and self.clock.seconds() < until):
             self._ended_away.append((sid, uid, None))
-            return succeed(was_current)
-        told: Deferred[bool] = Deferred()
+            return succeed((True, last))
+        told: Deferred[tuple[bool, bool]] = Deferred()
         self._ended_away.append((sid, uid, told))
-        return told.addCallback(lambda mine: mine and was_current)
+        return told.addCallback(lambda answer: (answer[0], answer[1] and last))
 
-    def token_uid(self, token: str) -> Deferred[int | None]:
+    def online_among(self, uids: list[int]) -> Deferred[list[int]]:
+        if not uids:
+            return succeed([])
+        here = [uid for uid in uids if uid in self._users]
         if not self.up:
-            return succeed(None)
-        d = self._eval(_TOKEN, token)
-        return d.addCallbacks(lambda uid: None if uid is None else int(uid), self._away,
-                              errbackArgs=(None,))
+            return succeed(here)
+        d = self._call("HMGET", f"{PREFIX}users", *uids)
+        return d.addCallbacks(
+            lambda entries: [uid for uid, e in zip(uids, entries, strict=True) if e],
+            self._away, errbackArgs=(here,))
 
-    def forward(self, packets: list[tuple[int, int, bytes]]) -> None:
-        if not packets:
+    def forward(self, items: list[tuple[int, int, Any, bytes | None]]) -> None:
+        if not items:
             return
         if not self.up:
-            # MSG_Ns are caught up from the store; PRESENCE and ACK_N wait
+            # MSG_Ns are caught up from the store; the other notices wait
             room = FRAMES_AWAY - len(self._frames_away)
             if room > 0:
-                self._frames_away.extend([p for p in packets if not p[1]][:room])
+                self._frames_away.extend([i for i in items if not i[1]][:room])
             return
-        uids = list({uid for uid, _, _ in packets})
+        uids = list({item[0] for item in items})
         d = self._call("HMGET", f"{PREFIX}users", *uids)
-        d.addCallbacks(self._route, self._away, callbackArgs=(uids, PACKETS, packets),
+        d.addCallbacks(self._route, self._away, callbackArgs=(uids, PACKETS, items),
                        errbackArgs=(None,))
 
     def forward_lists(self, uids: list[int]) -> None:
@@ -736,22 +771,48 @@ class RedisRouter(LocalRouter):
         d.addCallbacks(self._route, self._away, callbackArgs=(uids, LISTS, uids),
                        errbackArgs=(None,))
 
-    def _route(self, where: list[bytes | None], uids: list[int], kind: int,
+    def _route(self, entries: list[bytes | None], uids: list[int], kind: int,
                items: list[Any]) -> None:
-        """One publication per node that holds some of ``uids``."""
-        node_of: dict[int, str] = {}
-        for uid, value in zip(uids, where, strict=True):
-            if value is not None:
-                node = value[: value.index(b" ")].decode()
-                if node != self.node:
-                    node_of[uid] = node
+        """One publication per other node that holds devices of ``uids``."""
+        nodes_of: dict[int, set[str]] = {}
+        me = self.node
+        for uid, entry in zip(uids, entries, strict=True):
+            if entry:
+                nodes = {item.partition("@")[2] for item in _text(entry).split()}
+                nodes.discard(me)
+                if nodes:
+                    nodes_of[uid] = nodes
         by_node: dict[str, list[Any]] = {}
         for item in items:
-            target = node_of.get(item[0] if kind == PACKETS else item)
-            if target is not None:
-                by_node.setdefault(target, []).append(item)
+            if kind == PACKETS:
+                uid, seq, packet, skip = item
+                wire = [uid, seq, self.codes[type(packet)], list(packet), skip]
+            else:
+                uid = wire = item
+            for node in nodes_of.get(uid, ()):
+                by_node.setdefault(node, []).append(wire)
         for node, some in by_node.items():
             self._publish(node, [kind, some])
+
+    def end_elsewhere(self, session_ids: list[bytes], reason: int) -> None:
+        if not session_ids:
+            return
+        if not self.up:
+            self._kicks_away.extend((sid, reason) for sid in session_ids)
+            del self._kicks_away[:-FRAMES_AWAY]
+            return
+        d = self._eval(_WHERE, *[sid.hex() for sid in session_ids])
+        d.addCallbacks(self._tell_ended, self._away, callbackArgs=(session_ids, reason),
+                       errbackArgs=(None,))
+
+    def _tell_ended(self, nodes: list[Any], session_ids: list[bytes], reason: int) -> None:
+        by_node: dict[str, list[bytes]] = {}
+        for sid, node in zip(session_ids, nodes, strict=True):
+            node = _text(node)
+            if node and node != self.node:
+                by_node.setdefault(node, []).append(sid)
+        for node, sids in by_node.items():
+            self._publish(node, [ENDED, sids, reason])
 
     def _away(self, failure: Failure, fallback: Any) -> Any:
         """A command failed (Redis went away mid-call): the local answer."""
@@ -759,15 +820,19 @@ class RedisRouter(LocalRouter):
         return fallback
 
 
-def _register_args(session: Any) -> list[Any]:
+def _record_args(device: Any) -> list[Any]:
+    """ARGV[2:12] of the scripts that record a device: its sid, then RECORD."""
     return [
-        session.session_id.hex(),
-        session.uid,
-        session.session_key,
-        session.token,
-        session.device,
-        session.client or "",
-        repr(session.started),
+        device.session_id.hex(),
+        device.uid,
+        device.key,
+        device.token,
+        device.device,
+        device.device_id,
+        device.name,
+        device.client or "",
+        device.nonce,
+        device.acked_max,
     ]
 
 

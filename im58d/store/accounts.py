@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlite_utils
 
-from .interfaces import Conflict, NotFound, StoreError
+from .interfaces import LISTS, Conflict, NotFound, StoreError
 
 # -- accounts ---------------------------------------------------------------
 
@@ -83,7 +83,7 @@ def _require_users(db: sqlite_utils.Database, uids: list[int]) -> None:
             raise NotFound(f"no such user {uid}")
 
 
-def _bump_list(db: sqlite_utils.Database, uid: int, column: str) -> int:
+def bump_list(db: sqlite_utils.Database, uid: int, column: str) -> int:
     return int(
         db.execute(
             f"UPDATE list_versions SET {column} = {column} + 1 WHERE uid = ? "
@@ -107,13 +107,15 @@ def make_friends_txn(db: sqlite_utils.Database, uid1: int, uid2: int, now: int) 
         )
     except sqlite3.IntegrityError:
         raise Conflict(f"users {uid1} and {uid2} are friends already") from None
-    db.execute(
+    answered = db.execute(
         "DELETE FROM friend_requests WHERE (sender = ? AND receiver = ?) "
-        "OR (sender = ? AND receiver = ?)",
+        "OR (sender = ? AND receiver = ?) RETURNING receiver",
         (uid1, uid2, uid2, uid1),
-    )
-    _bump_list(db, uid1, "friend_list")
-    _bump_list(db, uid2, "friend_list")
+    ).fetchall()
+    for (receiver,) in answered:
+        bump_list(db, receiver, "request_list")
+    bump_list(db, uid1, "friend_list")
+    bump_list(db, uid2, "friend_list")
 
 
 def create_group_txn(
@@ -143,28 +145,45 @@ def create_group_txn(
         [(gid, uid, now) for uid in everyone],
     )
     for uid in everyone:
-        _bump_list(db, uid, "group_list")
+        bump_list(db, uid, "group_list")
     return gid
 
 
 # -- sessions ---------------------------------------------------------------
 
-LISTS = ("friends", "groups", "categories")
+# in the order of LISTS
+_LIST_COLUMNS = "friend_list, group_list, category_list, request_list, device_list"
 
 
 def session_state_txn(db: sqlite_utils.Database, uid: int) -> dict[str, Any]:
-    """What a session needs to start: the inbox head, the friends to tell of
-    presence, and the list versions to notice changes against."""
+    """What a session needs to start: the timeline head, the friends to tell
+    of presence, and the list versions to notice changes against."""
     head = db.execute("SELECT max_seq FROM inboxes WHERE uid = ?", (uid,)).fetchone()
     versions = db.execute(
-        "SELECT friend_list, group_list, category_list FROM list_versions WHERE uid = ?",
-        (uid,),
+        f"SELECT {_LIST_COLUMNS} FROM list_versions WHERE uid = ?", (uid,)
     ).fetchone()
     return {
         "inbox_max": 0 if head is None else int(head[0]),
         "friends": friends_of_txn(db, uid),
-        "versions": tuple(versions) if versions is not None else (0, 0, 0),
+        "versions": tuple(versions) if versions is not None else (0,) * len(LISTS),
     }
+
+
+def user_states_txn(db: sqlite_utils.Database, uids: list[int]) -> dict[int, dict[str, Any]]:
+    """``session_state_txn`` of several users at once (adoption, restarts)."""
+    states: dict[int, dict[str, Any]] = {
+        uid: {"friends": [], "versions": (0,) * len(LISTS)} for uid in uids
+    }
+    for uid, versions in list_versions_txn(db, uids).items():
+        states[uid]["versions"] = versions
+    for start in range(0, len(uids), 500):
+        chunk = uids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for uid, friend in db.execute(
+            f"SELECT uid, friend FROM friends WHERE uid IN ({marks})", chunk
+        ):
+            states[uid]["friends"].append(int(friend))
+    return states
 
 
 def friends_of_txn(db: sqlite_utils.Database, uid: int) -> list[int]:
@@ -172,14 +191,13 @@ def friends_of_txn(db: sqlite_utils.Database, uid: int) -> list[int]:
 
 
 def list_versions_txn(db: sqlite_utils.Database, uids: list[int]) -> dict[int, tuple[int, ...]]:
-    """The (friends, groups, categories) list versions of each user."""
+    """The versions of each user's lists, in the order of LISTS."""
     versions: dict[int, tuple[int, ...]] = {}
     for start in range(0, len(uids), 500):
         chunk = uids[start : start + 500]
         marks = ",".join("?" * len(chunk))
         for uid, *row in db.execute(
-            "SELECT uid, friend_list, group_list, category_list FROM list_versions "
-            f"WHERE uid IN ({marks})",
+            f"SELECT uid, {_LIST_COLUMNS} FROM list_versions WHERE uid IN ({marks})",
             chunk,
         ):
             versions[uid] = tuple(row)

@@ -1,8 +1,9 @@
-"""Messages, inboxes and acks (functions for the database thread).
+"""Messages, timelines and acks (functions for the database thread).
 
 ``deliver_txn`` is the message path's one transaction per batch: it stores
-the batch's messages (de-duplicated by sender and cmid), appends them to the
-receivers' inboxes with the next seqs, and records the batch's acks.
+the batch's messages (de-duplicated by sender, device and cmid), gives each
+an entry with the next seq in the sender's timeline and in every
+receiver's, and records the batch's acks (per device cursors).
 """
 
 from __future__ import annotations
@@ -12,22 +13,14 @@ from typing import Any
 
 import sqlite_utils
 
-KIND_USER = 0
-KIND_GROUP = 1
+from .interfaces import DUPLICATE, KIND_GROUP, KIND_USER, REFUSED, STORED
 
-# outcome of one message of a batch:
-#   (STORED, msg_id, ts, ((uid, seq), ...))  the receivers' inbox entries
-#   (DUPLICATE, msg_id, ts, delivered)       stored before under this cmid;
-#                                            delivered: the receiver acked it
-#   (REFUSED, code, message)                 ERROR code for the sender
-STORED = 0
-DUPLICATE = 1
-REFUSED = 2
-
-# A message to deliver: (sender, cmid, to, body, kind); an ack: (uid, seq).
-Submitted = tuple[int, int, int, "str | bytes", int]
-# (uid, the ack cursor now, ((sender, cmid, msg_id), ...) newly acked 1:1 messages)
-AckResult = tuple[int, int, tuple[tuple[int, int, int], ...]]
+# A message to deliver: (sender, device, cmid, to, body, kind); an ack:
+# (uid, device, seq).
+Submitted = tuple[int, int, int, int, "str | bytes", int]
+# (the device's cursor now, ((sender, sender_seq), ...) of the 1:1 messages
+# the ack made delivered)
+AckResult = tuple[int, tuple[tuple[int, int], ...]]
 
 
 def inbox_max_txn(db: sqlite_utils.Database, uid: int) -> int:
@@ -69,36 +62,39 @@ def _lookup(
 def deliver_txn(
     db: sqlite_utils.Database,
     messages: list[Submitted],
-    acks: list[tuple[int, int]],
+    acks: list[tuple[int, int, int]],
     now: int,
     friends_only: bool = False,
 ) -> tuple[list[tuple[Any, ...]], list[AckResult]]:
-    """Store and route a batch of messages and record a batch of acks.
+    """Store a batch of messages and record a batch of acks.
 
-    The batch's de-dup keys, inbox heads and group members are each read in
-    one statement, seqs and ids are given out here (the transaction holds
-    the write lock), and rows are written with ``executemany``.
+    The batch's de-dup keys, timeline heads, device cursors and group
+    members are each read in one statement, seqs and ids are given out here
+    (the transaction holds the write lock), and rows are written with
+    ``executemany``.
     """
     conn = db.conn
     execute = conn.execute
     # 1. de-duplication: within the batch, then against what is stored
-    first: dict[tuple[int, int], int] = {}
+    first: dict[tuple[int, int, int], int] = {}
     for i, message in enumerate(messages):
-        first.setdefault((message[0], message[1]), i)
+        first.setdefault((message[0], message[1], message[2]), i)
     earlier = {
-        (row[0], row[1]): (row[2], row[3], row[4] is not None and row[4] <= row[5])
+        (row[0], row[1], row[2]): row[3:]
         for row in _lookup(
             execute,
-            "SELECT m.sender, m.cmid, m.id, m.ts, m.seq, h.acked_seq FROM (VALUES {}) v "
-            "JOIN messages m ON m.sender = v.column1 AND m.cmid = v.column2 "
+            "SELECT m.sender, m.device, m.cmid, m.id, m.sender_seq, m.target, m.body, m.kind, "
+            "m.kind = 0 AND m.seq <= h.acked_seq FROM (VALUES {}) v "
+            "JOIN messages m ON m.sender = v.column1 AND m.device = v.column2 "
+            "AND m.cmid = v.column3 "
             "LEFT JOIN inboxes h ON m.kind = 0 AND h.uid = m.target",
             list(first),
-            2,
+            3,
         )
     }
     new = [i for key, i in first.items() if key not in earlier]
-    # 2. the groups, friendships and inboxes the batch touches
-    gids = list({messages[i][2] for i in new if messages[i][4] == KIND_GROUP})
+    # 2. the groups, friendships and timelines the batch touches
+    gids = list({messages[i][3] for i in new if messages[i][5] == KIND_GROUP})
     members: dict[int, list[int]] = {}
     if gids:
         for (gid,) in _lookup(execute, "SELECT id FROM groups WHERE id IN ({})", gids):
@@ -110,18 +106,23 @@ def deliver_txn(
                 members[gid].append(uid)
     friends: set[tuple[int, int]] = set()
     if friends_only:
-        pairs = list({(messages[i][0], messages[i][2]) for i in new
-                      if messages[i][4] == KIND_USER})
+        pairs = list({(messages[i][0], messages[i][3]) for i in new
+                      if messages[i][5] == KIND_USER})
         friends = {
             (row[0], row[1])
             for row in _lookup(execute, "SELECT f.uid, f.friend FROM (VALUES {}) v "
                                "JOIN friends f ON f.uid = v.column1 AND f.friend = v.column2",
                                pairs, 2)
         }
-    uids = {messages[i][2] for i in new if messages[i][4] == KIND_USER}
+    uids = set()
+    for i in new:
+        message = messages[i]
+        uids.add(message[0])
+        if message[5] == KIND_USER:
+            uids.add(message[3])
     for group in members.values():
         uids.update(group)
-    uids.update(uid for uid, _ in acks)
+    uids.update(ack[0] for ack in acks)
     heads: dict[int, list[int]] = {
         row[0]: [row[1], row[2]]
         for row in _lookup(
@@ -136,16 +137,30 @@ def deliver_txn(
     message_rows: list[tuple[Any, ...]] = []
     inbox_rows: list[tuple[int, int, int]] = []
     results: list[tuple[Any, ...]] = [()] * len(messages)
-    for i, (sender, cmid, to, body, kind) in enumerate(messages):
-        key = (sender, cmid)
+    for i, (sender, device, cmid, to, body, kind) in enumerate(messages):
+        key = (sender, device, cmid)
         j = first[key]
         if j != i:  # a repeat within the batch: the answer of the first copy
             done = results[j]
-            results[i] = (DUPLICATE, done[1], done[2], False) if done[0] != REFUSED else done
+            original = messages[j]
+            if original[3] != to or original[5] != kind or original[4] != body:
+                results[i] = _reused(cmid)
+            elif done[0] == STORED:
+                results[i] = (DUPLICATE, done[1], done[3], False)
+            else:
+                results[i] = done
             continue
         stored = earlier.get(key)
         if stored is not None:
-            results[i] = (DUPLICATE, stored[0], stored[1], stored[2])
+            msg_id, sender_seq, target, stored_body, stored_kind, delivered = stored
+            if target != to or stored_kind != kind or stored_body != body:
+                results[i] = _reused(cmid)
+            else:
+                results[i] = (DUPLICATE, msg_id, sender_seq, bool(delivered))
+            continue
+        own = heads.get(sender)
+        if own is None:
+            results[i] = (REFUSED, 404, f"no such user {sender}")
             continue
         if kind == KIND_USER:
             head = heads.get(to)
@@ -155,13 +170,25 @@ def deliver_txn(
             if friends_only and to != sender and (sender, to) not in friends:
                 results[i] = (REFUSED, 403, f"user {to} is not your friend")
                 continue
-            head[0] += 1
-            touched.add(to)
             msg_id = next_id
             next_id += 1
-            message_rows.append((msg_id, sender, cmid, KIND_USER, to, head[0], body, now))
-            inbox_rows.append((to, head[0], msg_id))
-            results[i] = (STORED, msg_id, now, ((to, head[0]),))
+            own[0] += 1
+            touched.add(sender)
+            sender_seq = own[0]
+            inbox_rows.append((sender, sender_seq, msg_id))
+            if to == sender:  # a note to oneself: one entry
+                seq = sender_seq
+                deliveries: tuple[tuple[int, int], ...] = ()
+            else:
+                head[0] += 1
+                touched.add(to)
+                seq = head[0]
+                inbox_rows.append((to, seq, msg_id))
+                deliveries = ((to, seq),)
+            message_rows.append(
+                (msg_id, sender, device, cmid, KIND_USER, to, seq, sender_seq, body, now)
+            )
+            results[i] = (STORED, msg_id, now, sender_seq, deliveries)
         else:
             group_members = members.get(to)
             if group_members is None:
@@ -172,38 +199,54 @@ def deliver_txn(
                 continue
             msg_id = next_id
             next_id += 1
-            message_rows.append((msg_id, sender, cmid, KIND_GROUP, to, None, body, now))
-            deliveries = []
+            own[0] += 1
+            touched.add(sender)
+            sender_seq = own[0]
+            inbox_rows.append((sender, sender_seq, msg_id))
+            message_rows.append(
+                (msg_id, sender, device, cmid, KIND_GROUP, to, None, sender_seq, body, now)
+            )
+            group_deliveries = []
             for uid in group_members:
                 if uid != sender:
                     head = heads[uid]
                     head[0] += 1
                     touched.add(uid)
                     inbox_rows.append((uid, head[0], msg_id))
-                    deliveries.append((uid, head[0]))
-            results[i] = (STORED, msg_id, now, tuple(deliveries))
-    # 4. acks: move the cursors (never past the head as it was before)
+                    group_deliveries.append((uid, head[0]))
+            results[i] = (STORED, msg_id, now, sender_seq, tuple(group_deliveries))
+    # 4. acks: move the devices' cursors (never past the head as it was
+    # before), and with them the user's highest cursor
     ack_results: list[AckResult] = []
+    cursors: dict[int, int] = {}
+    if acks:
+        cursors = dict(_lookup(
+            execute, "SELECT id, acked FROM devices WHERE id IN ({})", [a[1] for a in acks]
+        ))
+    moved: list[tuple[int, int]] = []  # (device, cursor)
     spans: list[tuple[int, int, int, int]] = []  # (result index, uid, from, to)
-    for uid, seq in acks:
+    for uid, device, seq in acks:
         head = heads.get(uid)
-        if head is None:
-            ack_results.append((uid, 0, ()))
+        cursor = cursors.get(device)
+        if head is None or cursor is None:
+            ack_results.append((0, ()))
             continue
         upto = min(seq, ackable[uid])
-        acked = head[1]
-        if upto <= acked:
-            ack_results.append((uid, acked, ()))
+        if upto <= cursor:
+            ack_results.append((cursor, ()))
             continue
-        head[1] = upto
-        touched.add(uid)
-        spans.append((len(ack_results), uid, acked, upto))
-        ack_results.append((uid, upto, ()))
+        cursors[device] = upto
+        moved.append((upto, device))
+        if upto > head[1]:  # the first of the user's devices to get this far
+            spans.append((len(ack_results), uid, head[1], upto))
+            head[1] = upto
+            touched.add(uid)
+        ack_results.append((upto, ()))
     # 5. the writes
     if message_rows:
         conn.executemany(
-            "INSERT INTO messages (id, sender, cmid, kind, target, seq, body, ts) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (id, sender, device, cmid, kind, target, seq, sender_seq, "
+            "body, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             message_rows,
         )
         conn.executemany("INSERT INTO inbox (uid, seq, msg_id) VALUES (?, ?, ?)", inbox_rows)
@@ -212,22 +255,31 @@ def deliver_txn(
             "UPDATE inboxes SET max_seq = ?, acked_seq = ? WHERE uid = ?",
             [(heads[uid][0], heads[uid][1], uid) for uid in touched],
         )
-    # 6. the 1:1 messages each ack made delivered, for ACK_N
+    if moved:
+        conn.executemany("UPDATE devices SET acked = ? WHERE id = ?", moved)
+    # 6. the 1:1 messages each ack made received, for ACK_N: entries the
+    # user received (a note to oneself included), not those they sent
     if spans:
-        newly: dict[int, list[tuple[int, int, int]]] = {}
-        for uid, sender, cmid, msg_id in _lookup(
+        newly: dict[int, list[tuple[int, int]]] = {}
+        for n, sender, sender_seq in _lookup(
             execute,
-            "SELECT r.column1, m.sender, m.cmid, m.id FROM (VALUES {}) r "
-            "JOIN inbox i ON i.uid = r.column1 AND i.seq > r.column2 AND i.seq <= r.column3 "
-            "JOIN messages m ON m.id = i.msg_id WHERE m.kind = 0 ORDER BY i.uid, i.seq",
-            [(uid, lo, hi) for _, uid, lo, hi in spans],
-            3,
-            pad=(0, 0, 0),  # matches nothing
+            "SELECT r.column1, m.sender, m.sender_seq FROM (VALUES {}) r "
+            "JOIN inbox i ON i.uid = r.column2 AND i.seq > r.column3 AND i.seq <= r.column4 "
+            "JOIN messages m ON m.id = i.msg_id "
+            "WHERE m.kind = 0 AND m.target = i.uid AND m.sender_seq IS NOT NULL "
+            "ORDER BY r.column1, i.seq",
+            [(n, uid, lo, hi) for n, uid, lo, hi in spans],
+            4,
+            pad=(-1, 0, 0, 0),  # matches nothing
         ):
-            newly.setdefault(uid, []).append((sender, cmid, msg_id))
-        for n, uid, _, hi in spans:
-            ack_results[n] = (uid, hi, tuple(newly.get(uid, ())))
+            newly.setdefault(n, []).append((sender, sender_seq))
+        for n, _, _, _ in spans:
+            ack_results[n] = (ack_results[n][0], tuple(newly.get(n, ())))
     return results, ack_results
+
+
+def _reused(cmid: int) -> tuple[int, int, str]:
+    return (REFUSED, 409, f"cmid {cmid} was used for another message: take a new one")
 
 
 def inbox_heads_txn(db: sqlite_utils.Database, uids: list[int]) -> dict[int, tuple[int, int]]:
@@ -243,17 +295,31 @@ def inbox_heads_txn(db: sqlite_utils.Database, uids: list[int]) -> dict[int, tup
     return heads
 
 
+# A timeline entry: (seq, msg_id, from, group or None, body, ts, to or None,
+# delivered or None, device); ``to`` and ``delivered`` on the user's own 1:1
+# messages; ``device``: the store's key of the sending device (0 before
+# version 2), for the server's own use.
+Entry = tuple[
+    int, int, int, "int | None", "str | bytes", int, "int | None", "bool | None", int
+]
+
+
 def inbox_txn(
     db: sqlite_utils.Database, uid: int, after: int, limit: int
-) -> tuple[list[tuple[int, int, int, int | None, str | bytes, int]], int]:
-    """Inbox entries with seq > ``after``, oldest first, and the inbox head:
-    ``([(seq, msg_id, from, group or None, body, ts)], max)``."""
-    entries = db.execute(
-        "SELECT i.seq, m.id, m.sender, CASE m.kind WHEN 1 THEN m.target END, m.body, m.ts "
-        "FROM inbox i JOIN messages m ON m.id = i.msg_id "
-        "WHERE i.uid = ? AND i.seq > ? ORDER BY i.seq LIMIT ?",
-        (uid, after, limit),
-    ).fetchall()
+) -> tuple[list[Entry], int]:
+    """Timeline entries with seq > ``after``, oldest first, and the head."""
+    entries = [
+        (seq, msg_id, sender, group, body, ts, to,
+         None if delivered is None else bool(delivered), device)
+        for seq, msg_id, sender, group, body, ts, to, delivered, device in db.execute(
+            "SELECT i.seq, m.id, m.sender, CASE m.kind WHEN 1 THEN m.target END, m.body, m.ts, "
+            "h.uid, m.seq <= h.acked_seq, m.device "
+            "FROM inbox i JOIN messages m ON m.id = i.msg_id "
+            "LEFT JOIN inboxes h ON m.kind = 0 AND m.sender = i.uid AND h.uid = m.target "
+            "WHERE i.uid = ? AND i.seq > ? ORDER BY i.seq LIMIT ?",
+            (uid, after, limit),
+        ).fetchall()
+    ]
     return entries, inbox_max_txn(db, uid)
 
 

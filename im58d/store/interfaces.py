@@ -11,6 +11,24 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+# the lists of a user whose versions sessions watch, in the order of the
+# store's version tuples; each is a ``what`` of CHANGED
+LISTS = ("friends", "groups", "categories", "requests", "devices")
+
+# message kinds (MSG_R's kind)
+KIND_USER = 0
+KIND_GROUP = 1
+
+# outcome of one message of a batch (``IStore.deliver``):
+#   (STORED, msg_id, ts, sender_seq, ((uid, seq), ...))  stored: the sender's
+#                                  entry, and the entries of the others
+#   (DUPLICATE, msg_id, sender_seq, delivered)   stored before under this
+#                                  cmid; delivered: the receiver acked it
+#   (REFUSED, code, message)       ERROR code for the sender
+STORED = 0
+DUPLICATE = 1
+REFUSED = 2
+
 
 class StoreError(Exception):
     """The store cannot do what was asked (the message says why)."""
@@ -74,8 +92,8 @@ class IStore(Interface):
         """Create a group owned by ``owner`` with ``members``; fires with its gid."""
 
     def versions(uid: int) -> Deferred[dict[str, int]]:
-        """``{"friends", "groups", "categories", "me", "friend_rows",
-        "group_rows"}``: see ``im58d.store.lists.versions_txn``."""
+        """``{"friends", "groups", "categories", "requests", "devices", "me",
+        "friend_rows", "group_rows"}``: see ``im58d.store.lists.versions_txn``."""
 
     def friends(uid: int) -> Deferred[tuple[int, list[list[int]]]]:
         """The friend list version and ``[[uid, category], ...]``."""
@@ -95,8 +113,9 @@ class IStore(Interface):
     def members(uid: int, gid: int) -> Deferred[tuple[int, list[int]]]:
         """A group's members version and uids; NotFound, Forbidden."""
 
-    def friend_requests(uid: int) -> Deferred[list[dict[str, int]]]:
-        """Pending requests to the user: ``[{"uid", "ts"}]``."""
+    def friend_requests(uid: int) -> Deferred[tuple[int, list[dict[str, int]]]]:
+        """The request list version and the pending requests to the user:
+        ``[{"uid", "ts"}]``."""
 
     def update_profile(uid: int, changes: dict[str, Any]) -> Deferred[int]:
         """Change nick, gender or birthday; fires with the row's new version."""
@@ -129,37 +148,74 @@ class IStore(Interface):
         """Leave, or (owner) remove a member: ``(uids moved, members_version,
         version)``."""
 
-    # inbox
-    def inbox_max(uid: int) -> Deferred[int]:
-        """The highest seq given out in the user's inbox (0 for none)."""
-
-    def session_state(uid: int) -> Deferred[dict[str, Any]]:
-        """``{"inbox_max", "friends", "versions"}`` for a session that starts."""
-
+    # timelines
     def friends_of(uid: int) -> Deferred[list[int]]:
         """The uids of the user's friends."""
 
     def list_versions(uids: list[int]) -> Deferred[dict[int, tuple[int, ...]]]:
-        """Each user's (friends, groups, categories) list versions."""
+        """Each user's list versions, in the order of ``LISTS``."""
+
+    def user_states(uids: list[int]) -> Deferred[dict[int, dict[str, Any]]]:
+        """``{uid: {"friends", "versions"}}``: what users coming online need."""
 
     def deliver(
-        messages: list[tuple[int, int, int, str | bytes, int]],
-        acks: list[tuple[int, int]],
+        messages: list[tuple[int, int, int, int, str | bytes, int]],
+        acks: list[tuple[int, int, int]],
         now: int,
         friends_only: bool,
     ) -> Deferred[tuple[list[tuple[Any, ...]], list[Any]]]:
-        """Store a batch of messages ``(sender, cmid, to, body, kind)`` and
-        record a batch of acks ``(uid, seq)``, in one transaction: see
-        ``im58d.store.inbox.deliver_txn`` for the results."""
+        """Store a batch of messages ``(sender, device, cmid, to, body,
+        kind)`` and record a batch of acks ``(uid, device, seq)``, in one
+        transaction: see ``im58d.store.inbox.deliver_txn`` for the results."""
 
     def inbox_heads(uids: list[int]) -> Deferred[dict[int, tuple[int, int]]]:
-        """``{uid: (inbox_max, ack cursor)}`` of these users' inboxes."""
+        """``{uid: (timeline head, highest device cursor)}``."""
 
     def inbox(uid: int, after: int, limit: int) -> Deferred[tuple[list[Any], int]]:
-        """Inbox entries after a seq, oldest first, and the inbox head."""
+        """Timeline entries after a seq, oldest first, and the head (see
+        ``im58d.store.inbox.Entry``)."""
 
     def status(uid: int, msg_ids: list[int]) -> Deferred[list[int]]:
         """The user's sent messages among ``msg_ids`` that were delivered."""
+
+    # devices and sessions (see ``im58d.store.sessions``)
+    def sign_in(
+        uid: int, device_id: bytes, name: str, client: str | None, session_id: bytes,
+        key: bytes, token: str, now: int, max_devices: int, online: bool,
+    ) -> Deferred[dict[str, Any]]:
+        """A new session for a device; the one it replaced and those evicted."""
+
+    def session(session_id: bytes) -> Deferred[dict[str, Any] | None]:
+        """A session's record, or None."""
+
+    def session_by_token(token: str) -> Deferred[dict[str, Any] | None]:
+        """The record of the session with this bearer token, or None."""
+
+    def resume(session_id: bytes, nonce: bytes, now: int) -> Deferred[dict[str, Any] | None]:
+        """Record a RESUME nonce greater than every earlier one and mark the
+        device online: the session's state, or None when refused."""
+
+    def set_offline(session_ids: list[bytes], now: int) -> Deferred[None]:
+        """These devices went offline."""
+
+    def online_sessions() -> Deferred[list[dict[str, Any]]]:
+        """The records of the sessions whose devices are online, each with
+        its user's ``friends`` and ``versions``."""
+
+    def sign_out(
+        uid: int, device_id: bytes | None, session_id: bytes | None
+    ) -> Deferred[bytes | None]:
+        """End a device's session; its id, or None when there is none."""
+
+    def end_sessions(session_ids: list[bytes]) -> Deferred[list[int]]:
+        """End these sessions; the uids whose device lists moved."""
+
+    def stale_sessions(unused_since: int) -> Deferred[list[tuple[int, bytes]]]:
+        """``(uid, session_id)`` of the sessions of disabled accounts and of
+        offline devices unused since then."""
+
+    def devices(uid: int) -> Deferred[tuple[int, list[dict[str, Any]]]]:
+        """The device list version and the user's signed-in devices."""
 
     # client log reports
     report_batches = Attribute("Report batches counted since the store started (an int).")

@@ -15,8 +15,8 @@ from typing import Any
 import sqlite_utils
 
 from .accounts import (
-    _bump_list,
     _require_users,
+    bump_list,
     create_group_txn,
     make_friends_txn,
     next_row_version,
@@ -41,7 +41,8 @@ def versions_txn(db: sqlite_utils.Database, uid: int) -> dict[str, int]:
     ``group_rows`` are the highest row versions among the user's friends and
     groups: they move when a friend's or group's details change."""
     row = db.execute(
-        "SELECT l.friend_list, l.group_list, l.category_list, u.version, "
+        "SELECT l.friend_list, l.group_list, l.category_list, l.request_list, l.device_list, "
+        "u.version, "
         "(SELECT coalesce(max(f.version), 0) FROM friends x JOIN users f ON f.id = x.friend "
         " WHERE x.uid = l.uid), "
         "(SELECT coalesce(max(g.version), 0) FROM group_members m JOIN groups g ON g.id = m.gid "
@@ -51,7 +52,8 @@ def versions_txn(db: sqlite_utils.Database, uid: int) -> dict[str, int]:
     ).fetchone()
     if row is None:
         raise NotFound(f"no such user {uid}")
-    keys = ("friends", "groups", "categories", "me", "friend_rows", "group_rows")
+    keys = ("friends", "groups", "categories", "requests", "devices", "me", "friend_rows",
+            "group_rows")
     return dict(zip(keys, map(int, row), strict=True))
 
 
@@ -172,14 +174,18 @@ def members_txn(db: sqlite_utils.Database, uid: int, gid: int) -> tuple[int, lis
     return members_version, members
 
 
-def friend_requests_txn(db: sqlite_utils.Database, uid: int) -> list[dict[str, int]]:
-    return [
+def friend_requests_txn(
+    db: sqlite_utils.Database, uid: int
+) -> tuple[int, list[dict[str, int]]]:
+    """The request list's version and the pending requests to the user."""
+    requests = [
         {"uid": int(sender), "ts": int(ts)}
         for sender, ts in db.execute(
             "SELECT sender, ts FROM friend_requests WHERE receiver = ? ORDER BY ts, sender",
             (uid,),
         )
     ]
+    return _list_version(db, uid, "request_list"), requests
 
 
 # -- changing ---------------------------------------------------------------
@@ -230,7 +236,8 @@ def request_friend_txn(
             "VALUES (?, ?, ?, ?)",
             (uid, other, category, now),
         )
-        return False, []
+        bump_list(db, other, "request_list")
+        return False, [other]
     make_friends_txn(db, uid, other, now)
     db.execute(
         "UPDATE friends SET category = ? WHERE uid = ? AND friend = ?", (category, uid, other)
@@ -249,16 +256,21 @@ def remove_friend_txn(db: sqlite_utils.Database, uid: int, other: int) -> list[i
         (uid, other, other, uid),
     )
     if cur.rowcount == 0:
-        cur = db.execute(
-            "DELETE FROM friend_requests WHERE (sender = ? AND receiver = ?) "
-            "OR (sender = ? AND receiver = ?)",
-            (uid, other, other, uid),
-        )
-        if cur.rowcount == 0:
+        receivers = [
+            int(receiver)
+            for (receiver,) in db.execute(
+                "DELETE FROM friend_requests WHERE (sender = ? AND receiver = ?) "
+                "OR (sender = ? AND receiver = ?) RETURNING receiver",
+                (uid, other, other, uid),
+            ).fetchall()
+        ]
+        if not receivers:
             raise NotFound(f"user {other} is neither your friend nor asking to be")
-        return []
-    _bump_list(db, uid, "friend_list")
-    _bump_list(db, other, "friend_list")
+        for receiver in receivers:
+            bump_list(db, receiver, "request_list")
+        return receivers
+    bump_list(db, uid, "friend_list")
+    bump_list(db, other, "friend_list")
     return [uid, other]
 
 
@@ -274,7 +286,7 @@ def add_category_txn(db: sqlite_utils.Database, uid: int, name: str) -> tuple[in
         cur = db.execute("INSERT INTO categories (uid, name) VALUES (?, ?)", (uid, name))
     except sqlite3.IntegrityError:
         raise Conflict(f"you have a category {name!r} already") from None
-    return int(cur.lastrowid or 0), _bump_list(db, uid, "category_list")
+    return int(cur.lastrowid or 0), bump_list(db, uid, "category_list")
 
 
 def set_category_txn(db: sqlite_utils.Database, uid: int, friend: int, category: int) -> int:
@@ -285,7 +297,7 @@ def set_category_txn(db: sqlite_utils.Database, uid: int, friend: int, category:
     )
     if cur.rowcount == 0:
         raise NotFound(f"user {friend} is not your friend")
-    return _bump_list(db, uid, "friend_list")
+    return bump_list(db, uid, "friend_list")
 
 
 def _size(db: sqlite_utils.Database, gid: int) -> int:
@@ -304,7 +316,7 @@ def add_member_txn(
     if _size(db, gid) >= limit:
         raise Conflict(f"group {gid} is full ({limit} members)")
     db.execute("INSERT INTO group_members (gid, uid, joined) VALUES (?, ?, ?)", (gid, new, now))
-    _bump_list(db, new, "group_list")
+    bump_list(db, new, "group_list")
     return [new], *_members_changed(db, gid)
 
 
@@ -322,7 +334,7 @@ def remove_member_txn(
     if not _is_member(db, gid, target):
         raise NotFound(f"user {target} is not a member of group {gid}")
     db.execute("DELETE FROM group_members WHERE gid = ? AND uid = ?", (gid, target))
-    _bump_list(db, target, "group_list")
+    bump_list(db, target, "group_list")
     if target == owner:
         heir = db.execute(
             "SELECT uid FROM group_members WHERE gid = ? ORDER BY joined, uid LIMIT 1", (gid,)

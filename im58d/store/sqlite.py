@@ -7,8 +7,10 @@ data.  ``im58d-admin`` calls the same functions directly, without a reactor.
 
 from __future__ import annotations
 
+import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -30,17 +32,17 @@ from .accounts import (
     list_versions_txn,
     login_record_txn,
     make_friends_txn,
-    session_state_txn,
     set_disabled_txn,
     set_password_txn,
     uid_for_name_txn,
+    user_states_txn,
 )
 from .inbox import (
     AckResult,
+    Entry,
     Submitted,
     deliver_txn,
     inbox_heads_txn,
-    inbox_max_txn,
     inbox_txn,
     status_txn,
 )
@@ -64,6 +66,18 @@ from .lists import (
     versions_txn,
 )
 from .reports import record_report_txn, stats_txn, top_keys_txn
+from .sessions import (
+    devices_txn,
+    end_sessions_txn,
+    online_sessions_txn,
+    resume_txn,
+    session_by_token_txn,
+    session_txn,
+    set_offline_txn,
+    sign_in_txn,
+    sign_out_txn,
+    stale_sessions_txn,
+)
 
 log = Logger()
 
@@ -130,6 +144,26 @@ def _journal_mode_wal(conn: sqlite3.Connection) -> str:
     return str(conn.execute("PRAGMA journal_mode = wal").fetchone()[0])
 
 
+def private_file(path: str) -> None:
+    """Make the database file private to this user if it is new, and refuse
+    one that others can read: it holds every session key."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        return
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StoreError(f"cannot use database {path}: {e.strerror}") from None
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o066:
+        raise StoreError(
+            f"{path} can be read or written by other users (mode {mode:04o}), and it holds "
+            f"session keys; make it private to the daemon's user: chmod 600 {path}"
+        )
+
+
 def open_database(path: str, synchronous: str = "normal") -> sqlite_utils.Database:
     """Open (or create) and migrate the database at ``path``.
 
@@ -137,6 +171,7 @@ def open_database(path: str, synchronous: str = "normal") -> sqlite_utils.Databa
     """
     if synchronous not in SYNCHRONOUS_MODES:
         raise StoreError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+    private_file(path)
     conn = None
     try:
         # isolation_level=None: transactions are begun and ended explicitly.
@@ -424,7 +459,7 @@ class SQLiteStore:
     def members(self, uid: int, gid: int) -> Deferred[tuple[int, list[int]]]:
         return self._run(members_txn, uid, gid, write=False)
 
-    def friend_requests(self, uid: int) -> Deferred[list[dict[str, int]]]:
+    def friend_requests(self, uid: int) -> Deferred[tuple[int, list[dict[str, int]]]]:
         return self._run(friend_requests_txn, uid, write=False)
 
     def update_profile(self, uid: int, changes: dict[str, Any]) -> Deferred[int]:
@@ -459,14 +494,11 @@ class SQLiteStore:
     ) -> Deferred[tuple[list[int], int, int]]:
         return self._run(remove_member_txn, uid, gid, target)
 
-    def inbox_max(self, uid: int) -> Deferred[int]:
-        return self._run(inbox_max_txn, uid, write=False)
-
-    def session_state(self, uid: int) -> Deferred[dict[str, Any]]:
-        return self._run(session_state_txn, uid, write=False)
-
     def friends_of(self, uid: int) -> Deferred[list[int]]:
         return self._run(friends_of_txn, uid, write=False)
+
+    def user_states(self, uids: list[int]) -> Deferred[dict[int, dict[str, Any]]]:
+        return self._run(user_states_txn, uids, write=False)
 
     def list_versions(self, uids: list[int]) -> Deferred[dict[int, tuple[int, ...]]]:
         return self._run(list_versions_txn, uids, write=False)
@@ -474,7 +506,7 @@ class SQLiteStore:
     def deliver(
         self,
         messages: list[Submitted],
-        acks: list[tuple[int, int]],
+        acks: list[tuple[int, int, int]],
         now: int,
         friends_only: bool = False,
     ) -> Deferred[tuple[list[tuple[Any, ...]], list[AckResult]]]:
@@ -483,13 +515,51 @@ class SQLiteStore:
     def inbox_heads(self, uids: list[int]) -> Deferred[dict[int, tuple[int, int]]]:
         return self._run(inbox_heads_txn, uids, write=False)
 
-    def inbox(
-        self, uid: int, after: int, limit: int
-    ) -> Deferred[tuple[list[tuple[int, int, int, int | None, str | bytes, int]], int]]:
+    def inbox(self, uid: int, after: int, limit: int) -> Deferred[tuple[list[Entry], int]]:
         return self._run(inbox_txn, uid, after, limit, write=False)
 
     def status(self, uid: int, msg_ids: list[int]) -> Deferred[list[int]]:
         return self._run(status_txn, uid, msg_ids, write=False)
+
+    # devices and sessions
+
+    def sign_in(
+        self, uid: int, device_id: bytes, name: str, client: str | None, session_id: bytes,
+        key: bytes, token: str, now: int, max_devices: int, online: bool,
+    ) -> Deferred[dict[str, Any]]:
+        return self._run(sign_in_txn, uid, device_id, name, client, session_id, key, token,
+                         now, max_devices, online)
+
+    def session(self, session_id: bytes) -> Deferred[dict[str, Any] | None]:
+        return self._run(session_txn, session_id, write=False)
+
+    def session_by_token(self, token: str) -> Deferred[dict[str, Any] | None]:
+        return self._run(session_by_token_txn, token, write=False)
+
+    def resume(self, session_id: bytes, nonce: bytes, now: int) -> Deferred[dict[str, Any] | None]:
+        return self._run(resume_txn, session_id, nonce, now)
+
+    def set_offline(self, session_ids: list[bytes], now: int) -> Deferred[None]:
+        return self._run(set_offline_txn, session_ids, now)
+
+    def online_sessions(self) -> Deferred[list[dict[str, Any]]]:
+        return self._run(online_sessions_txn, write=False)
+
+    def sign_out(
+        self, uid: int, device_id: bytes | None, session_id: bytes | None
+    ) -> Deferred[bytes | None]:
+        return self._run(sign_out_txn, uid, device_id, session_id)
+
+    def end_sessions(self, session_ids: list[bytes]) -> Deferred[list[int]]:
+        return self._run(end_sessions_txn, session_ids)
+
+    def stale_sessions(self, unused_since: int) -> Deferred[list[tuple[int, bytes]]]:
+        return self._run(stale_sessions_txn, unused_since, write=False)
+
+    def devices(self, uid: int) -> Deferred[tuple[int, list[dict[str, Any]]]]:
+        return self._run(devices_txn, uid, write=False)
+
+    # client log reports
 
     def record_report(
         self, uid: int, batch_id: str, counts: dict[str, int], now: int

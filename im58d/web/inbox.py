@@ -1,4 +1,4 @@
-"""``GET /v1/inbox`` (the offline pull) and ``POST /v1/status`` (delivery state)."""
+"""``GET /v1/inbox`` (the timeline pull) and ``POST /v1/status`` (delivery state)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ MAX_STATUS_IDS = 1000
 
 
 class StoreResource(AuthResource):
-    """A resource for a logged-in user that reads the store."""
+    """A resource for a signed-in device that reads the store."""
 
-    def __init__(self, router: Any, store: IStore) -> None:
-        super().__init__(router)
+    def __init__(self, sessions: Any, store: IStore) -> None:
+        super().__init__(sessions)
         self.store = store
 
 
@@ -32,12 +32,16 @@ class InboxResource(StoreResource):
     def _render(self, result: tuple[list[Any], int], request: Request) -> bytes:
         entries, inbox_max = result
         messages = []
-        for seq, msg_id, sender, group, body, ts in entries:
+        for seq, msg_id, sender, group, body, ts, to, delivered, _ in entries:
             entry: dict[str, Any] = {"seq": seq, "msg_id": msg_id, "from": sender}
+            if to is not None:
+                entry["to"] = to
             if group is not None:
                 entry["group"] = group
             entry["body"] = body if type(body) is str else {"b64": b64(body)}
             entry["ts"] = ts
+            if delivered is not None:
+                entry["delivered"] = delivered
             messages.append(entry)
         return respond(request, {"messages": messages, "max": inbox_max})
 

@@ -75,18 +75,17 @@ def _have(body: dict[str, Any]) -> dict[int, int]:
 
 
 class ListResource(Routed, StoreResource):
-    def __init__(self, router: Any, store: IStore, presence: Any, clock: Any) -> None:
-        super().__init__(router, store)
-        self.presence = presence
+    def __init__(self, sessions: Any, store: IStore, clock: Any) -> None:
+        super().__init__(sessions, store)
         self.clock = clock
 
     def now(self) -> int:
         return int(self.clock.seconds())
 
     def moved(self, uids: list[int]) -> None:
-        """CHANGED to the connected users among ``uids``."""
-        if self.presence is not None and uids:
-            d = self.presence.lists_moved(uids)
+        """CHANGED to the connected devices of ``uids``."""
+        if uids:
+            d = self.sessions.lists_moved(uids)
             d.addErrback(lambda f: log.failure("CHANGED to {uids}", f, uids=uids))
 
     @staticmethod
@@ -140,7 +139,7 @@ class FriendsResource(ListResource):
 
     def requests_GET(self, request: Request) -> Deferred[bytes]:
         d = self.store.friend_requests(self.session(request).uid)
-        return d.addCallback(lambda requests: respond(request, {"requests": requests}))
+        return d.addCallback(lambda result: self.listed(request, "requests", result))
 
     def friend_DELETE(self, request: Request, other: int) -> Deferred[bytes]:
         d = self.store.remove_friend(self.session(request).uid, other)
@@ -192,9 +191,8 @@ class GroupsResource(ListResource):
         ((int, "members", int), "member"),
     )
 
-    def __init__(self, router: Any, store: IStore, presence: Any, clock: Any,
-                 max_members: int) -> None:
-        super().__init__(router, store, presence, clock)
+    def __init__(self, sessions: Any, store: IStore, clock: Any, max_members: int) -> None:
+        super().__init__(sessions, store, clock)
         self.max_members = max_members
 
     def list_GET(self, request: Request) -> Deferred[bytes]:

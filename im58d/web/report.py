@@ -149,8 +149,8 @@ def parse_report(body: Any) -> tuple[str, dict[str, int]]:
 class ReportResource(AuthResource):
     """``POST /v1/report``: 204 once the batch is committed (or was before)."""
 
-    def __init__(self, router: Any, store: IStore, clock: Any) -> None:
-        super().__init__(router)
+    def __init__(self, sessions: Any, store: IStore, clock: Any) -> None:
+        super().__init__(sessions)
         self.store = store
         self.clock = clock
 

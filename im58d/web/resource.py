@@ -136,8 +136,9 @@ def _not_found(request: Request) -> HTTPError:
 
 class Routed(JSONResource):
     """A leaf that serves a few paths below itself: ``routes`` maps a pattern
-    (a tuple of literal segments and ``int`` for an id) to a handler prefix;
-    the prefix's ``<prefix>_<METHOD>`` methods get the ids as arguments."""
+    (a tuple of literal segments, ``int`` for an id and ``str`` for any
+    other segment) to a handler prefix; the prefix's ``<prefix>_<METHOD>``
+    methods get the ids and segments as arguments."""
 
     routes: tuple[tuple[tuple[Any, ...], str], ...] = ()
 
@@ -148,12 +149,16 @@ class Routed(JSONResource):
         for pattern, prefix in self.routes:
             if len(pattern) != len(path):
                 continue
-            args: list[int] = []
+            args: list[Any] = []
             for want, segment in zip(pattern, path, strict=True):
                 if want is int:
                     if not (segment.isascii() and segment.isdigit()) or len(segment) > 18:
                         break
                     args.append(int(segment))
+                elif want is str:
+                    if not segment:
+                        break
+                    args.append(segment)
                 elif want != segment:
                     break
             else:
@@ -237,26 +242,37 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
 
 
 class AuthResource(JSONResource):
-    """A resource for a logged-in user: ``Authorization: Bearer <token>``."""
+    """A resource for a signed-in device: ``Authorization: Bearer <token>``.
 
-    def __init__(self, router: Any) -> None:
+    The token is looked up first (in memory for a device online here, else
+    in the store: sessions outlive connections); handlers get the session's
+    device from ``self.session(request)``.
+    """
+
+    def __init__(self, sessions: Any) -> None:
         super().__init__()
-        self.router = router
+        self.sessions = sessions
 
     def render(self, request: Request) -> Any:
+        try:
+            # a path or method this resource does not serve is a 404 or 405
+            # whoever asks, before the token is looked up
+            self.handler_for(request)
+        except HTTPError as e:
+            return error_body(request, e)
         token = _bearer(request)
-        if token and self.router.clustered and self.router.session_by_token(token) is None:
-            # a session held by another node: its token is in the registry
-            d = self.router.token_uid(token)
-            d.addCallback(self._render_for, request)
-            d.addErrback(_error_or_500, request)
-            d.addCallback(lambda body: None if body is None else _finish(body, request))
-            return NOT_DONE_YET
-        return super().render(request)
+        if not token:
+            return error_body(request, _unauthorized(request))
+        d = self.sessions.authenticate(token)
+        d.addCallback(self._render_for, request)
+        d.addErrback(_error_or_500, request)
+        d.addCallback(lambda body: None if body is None else _finish(body, request))
+        return NOT_DONE_YET
 
-    def _render_for(self, uid: int | None, request: Request) -> bytes | None:
-        if uid is not None:
-            request.remote_session = RemoteSession(uid)  # type: ignore[attr-defined]
+    def _render_for(self, device: Any, request: Request) -> bytes | None:
+        if device is None:
+            raise _unauthorized(request)
+        request.im58d_device = device  # type: ignore[attr-defined]
         result = super().render(request)
         if result is NOT_DONE_YET:
             return None  # the handler's Deferred finishes the request
@@ -264,23 +280,13 @@ class AuthResource(JSONResource):
         return body
 
     def session(self, request: Request) -> Any:
-        token = _bearer(request)
-        session = self.router.session_by_token(token) if token else None
-        if session is None:
-            session = getattr(request, "remote_session", None)
-        if session is None:
-            request.setHeader(b"www-authenticate", b"Bearer")
-            raise HTTPError(401, "unauthorized", "log in first (Authorization: Bearer TOKEN)")
-        return session
+        """The device whose session token the request carries."""
+        return request.im58d_device  # type: ignore[attr-defined]
 
 
-class RemoteSession:
-    """What an HTTP handler knows of a session held by another node."""
-
-    __slots__ = ("uid",)
-
-    def __init__(self, uid: int) -> None:
-        self.uid = uid
+def _unauthorized(request: Request) -> HTTPError:
+    request.setHeader(b"www-authenticate", b"Bearer")
+    return HTTPError(401, "unauthorized", "sign in first (Authorization: Bearer TOKEN)")
 
 
 def _bearer(request: Request) -> str:

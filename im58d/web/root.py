@@ -7,6 +7,7 @@ from typing import Any
 from twisted.web.server import Request, Site
 
 from ..logging import access_log_formatter
+from ..logic.interfaces import ISessions
 from ..routing.iplist import IPList
 from ..store.interfaces import IStore
 from . import admin
@@ -21,7 +22,7 @@ from .lists import (
 )
 from .report import ReportResource, StatsResource
 from .resource import BoundedRequest, Directory, JSONResource, not_modified, respond
-from .session import LoginResource
+from .session import DevicesResource, LoginResource
 
 
 class IPListResource(JSONResource):
@@ -37,33 +38,33 @@ class IPListResource(JSONResource):
         return respond(request, self.iplist.as_json())
 
 
-def make_root(iplist: IPList, sessions: Any, store: IStore, max_members: int = 500,
-              admin_token: str = "", metrics: Any = None) -> Directory:
+def make_root(iplist: IPList, sessions: ISessions, store: IStore, clock: Any,
+              max_members: int = 500, admin_token: str = "", metrics: Any = None) -> Directory:
     root = Directory()
     v1 = Directory()
     root.putChild(b"v1", v1)
-    router = sessions.router
     v1.putChild(b"iplist", IPListResource(iplist))
     v1.putChild(b"login", LoginResource(sessions, iplist))
-    v1.putChild(b"inbox", InboxResource(router, store))
-    v1.putChild(b"status", StatusResource(router, store))
-    lists = (router, store, sessions.presence, sessions.clock)
+    v1.putChild(b"devices", DevicesResource(sessions))
+    v1.putChild(b"inbox", InboxResource(sessions, store))
+    v1.putChild(b"status", StatusResource(sessions, store))
+    lists = (sessions, store, clock)
     v1.putChild(b"versions", VersionsResource(*lists))
     v1.putChild(b"friends", FriendsResource(*lists))
     v1.putChild(b"categories", CategoriesResource(*lists))
     v1.putChild(b"groups", GroupsResource(*lists, max_members))
     v1.putChild(b"users", UsersResource(*lists))
     v1.putChild(b"me", MeResource(*lists))
-    v1.putChild(b"report", ReportResource(router, store, sessions.clock))
-    v1.putChild(b"stats", StatsResource(admin_token, store, sessions.clock))
+    v1.putChild(b"report", ReportResource(sessions, store, clock))
+    v1.putChild(b"stats", StatsResource(admin_token, store, clock))
     if metrics is not None:  # /metrics and the admin page
-        admin.mount(root, metrics, store, sessions.clock, admin_token)
+        admin.mount(root, metrics, store, clock, admin_token)
     return root
 
 
-def make_site(iplist: IPList, sessions: Any, store: IStore, max_members: int = 500,
-              admin_token: str = "", metrics: Any = None) -> Site:
-    root = make_root(iplist, sessions, store, max_members, admin_token, metrics)
+def make_site(iplist: IPList, sessions: ISessions, store: IStore, clock: Any,
+              max_members: int = 500, admin_token: str = "", metrics: Any = None) -> Site:
+    root = make_root(iplist, sessions, store, clock, max_members, admin_token, metrics)
     # the access log line: no fragment, no query secret (im58d.logging)
     site = Site(root, requestFactory=BoundedRequest, logFormatter=access_log_formatter)
     site.displayTracebacks = False

@@ -18,11 +18,14 @@ from .packets import (
     BIN16,
     BIN32,
     BOOL,
+    ONLINE,
     SPECS,
     STR,
     TEXT_OR_BIN,
     TYPE_OF,
     UINT,
+    UINTS,
+    Online,
     Packet,
     UnknownPacket,
 )
@@ -73,8 +76,16 @@ def frame(type_: int, fields: tuple[Any, ...] | list[Any]) -> bytes:
     return varint(n) + bytes((type_,)) + body
 
 
+# ONLINE with nobody online: the contract's empty array, not an empty body
+_ONLINE_NOBODY = bytes((2, ONLINE)) + _pack([])
+
+
 def encode(packet: Packet) -> bytes:
     """The frame of a typed packet; unset optional trailing fields are left out."""
+    if type(packet) is Online:
+        # the body is the array of uids itself, ``[]`` when there are none
+        uids = packet.uids
+        return frame(ONLINE, list(uids)) if uids else _ONLINE_NOBODY
     fields: tuple[Any, ...] = packet
     if fields and fields[-1] is None:
         end = len(fields)
@@ -108,6 +119,8 @@ def decode_body(type_: int, body: bytes) -> Packet | UnknownPacket:
     if spec is None:
         return UnknownPacket(type_, body)
     cls, required, optional, _ = spec
+    if optional == (UINTS,):
+        return _decode_uints(cls, body)  # type: ignore[no-any-return]
     if not body:
         fields: list[Any] = []
     else:
@@ -132,6 +145,22 @@ def decode_body(type_: int, body: bytes) -> Packet | UnknownPacket:
             name = cls._fields[i]
             raise MalformedFrame(f"{cls.__name__}.{name} must be {kinds[i]}")
     return cls(*fields)  # type: ignore[no-any-return]
+
+
+def _decode_uints(cls: Any, body: bytes) -> Any:
+    """A packet whose body is an array of any number of uints (ONLINE)."""
+    values: Any = []
+    if body:
+        try:
+            values = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except Exception as e:
+            raise MalformedFrame(f"body is not MessagePack: {e}") from None
+        if type(values) is not list:
+            raise MalformedFrame("body is not a MessagePack array")
+        for value in values:
+            if not _check(UINT, value):
+                raise MalformedFrame(f"{cls.__name__}.uids must be uint")
+    return cls(tuple(values))
 
 
 class Decoder:

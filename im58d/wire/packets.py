@@ -28,12 +28,14 @@ ACK_A = 0x14
 ACK_N = 0x15
 PRESENCE = 0x20
 CHANGED = 0x21
+ONLINE = 0x22
 
-# KICKED reasons
+# KICKED reasons (PROTOCOL.md 1.2)
 KICKED_REPLACED = 1
 KICKED_EXPIRED = 2
 KICKED_SHUTDOWN = 3
 KICKED_DISABLED = 4
+KICKED_SIGNED_OUT = 5
 
 # MSG_R kinds
 KIND_USER = 0
@@ -43,7 +45,8 @@ KIND_GROUP = 1
 class Login(NamedTuple):
     user: str
     password: str
-    device: str
+    device_id: bytes  # 16 random bytes the app keeps for its installation
+    device_name: str | None = None
     client: str | None = None
 
 
@@ -56,6 +59,8 @@ class Welcome(NamedTuple):
     heartbeat_s: int
     linger_s: int
     iplist_version: int
+    last_cmid: int
+    acked: int
 
 
 class Resume(NamedTuple):
@@ -69,6 +74,7 @@ class Resumed(NamedTuple):
     uid: int
     inbox_max: int
     iplist_version: int
+    acked: int
 
 
 class Ping(NamedTuple):
@@ -103,7 +109,7 @@ class MsgR(NamedTuple):
 class MsgA(NamedTuple):
     cmid: int
     msg_id: int
-    ts: int
+    seq: int  # the message's entry in the sender's own timeline
 
 
 class MsgN(NamedTuple):
@@ -113,6 +119,7 @@ class MsgN(NamedTuple):
     body: str | bytes
     ts: int
     group: int | None = None
+    to: int | None = None  # on the sender's own messages, shown on its other devices
 
 
 class AckR(NamedTuple):
@@ -124,8 +131,7 @@ class AckA(NamedTuple):
 
 
 class AckN(NamedTuple):
-    cmid: int
-    msg_id: int
+    seq: int  # the sender's timeline entry whose message was received
 
 
 class Presence(NamedTuple):
@@ -138,6 +144,12 @@ class Changed(NamedTuple):
     version: int
 
 
+class Online(NamedTuple):
+    """The friends online now; the body is the array of their uids."""
+
+    uids: tuple[int, ...] = ()
+
+
 class UnknownPacket(NamedTuple):
     """A frame whose type byte this version does not know (answered with 501)."""
 
@@ -147,7 +159,7 @@ class UnknownPacket(NamedTuple):
 
 Packet = (
     Login | Welcome | Resume | Resumed | Ping | Pong | Bye | Kicked | Error
-    | MsgR | MsgA | MsgN | AckR | AckA | AckN | Presence | Changed
+    | MsgR | MsgA | MsgN | AckR | AckA | AckN | Presence | Changed | Online
 )
 
 # Field kinds, checked on decode.
@@ -158,14 +170,18 @@ BIN16 = "bin16"
 BIN32 = "bin32"
 TEXT_OR_BIN = "str|bin"
 BOOL = "bool"
+# ONLINE only: the whole body is an array of UINT
+UINTS = "uint..."
 
 # type byte -> (class, kinds of required fields, kinds of optional fields,
 #               sent by the client?)
 SPECS: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...], bool]] = {
-    LOGIN: (Login, (STR, STR, STR), (STR,), True),
-    WELCOME: (Welcome, (UINT, BIN16, BIN32, STR, UINT, UINT, UINT, UINT), (), False),
+    LOGIN: (Login, (STR, STR, BIN16), (STR, STR), True),
+    WELCOME: (
+        Welcome, (UINT, BIN16, BIN32, STR, UINT, UINT, UINT, UINT, UINT, UINT), (), False
+    ),
     RESUME: (Resume, (BIN16, UINT, BIN8, BIN16), (), True),
-    RESUMED: (Resumed, (UINT, UINT, UINT), (), False),
+    RESUMED: (Resumed, (UINT, UINT, UINT, UINT), (), False),
     PING: (Ping, (), (), True),
     PONG: (Pong, (), (), False),
     BYE: (Bye, (), (), True),
@@ -173,12 +189,13 @@ SPECS: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...], bool]] = {
     ERROR: (Error, (UINT, STR), (UINT,), False),
     MSG_R: (MsgR, (UINT, UINT, TEXT_OR_BIN), (UINT,), True),
     MSG_A: (MsgA, (UINT, UINT, UINT), (), False),
-    MSG_N: (MsgN, (UINT, UINT, UINT, TEXT_OR_BIN, UINT), (UINT,), False),
+    MSG_N: (MsgN, (UINT, UINT, UINT, TEXT_OR_BIN, UINT), (UINT, UINT), False),
     ACK_R: (AckR, (UINT,), (), True),
     ACK_A: (AckA, (UINT,), (), False),
-    ACK_N: (AckN, (UINT, UINT), (), False),
+    ACK_N: (AckN, (UINT,), (), False),
     PRESENCE: (Presence, (UINT, BOOL), (), False),
     CHANGED: (Changed, (STR, UINT), (), False),
+    ONLINE: (Online, (), (UINTS,), False),
 }
 
 NAMES = {code: spec[0].__name__ for code, spec in SPECS.items()}
