@@ -183,15 +183,18 @@ class AccessProtocol(Protocol):
         if self._closing:
             return
         code, required = _WIRE[type(packet)]
-        # the message path's packets have no optional fields, or all of them
-        # unset but MSG_N's: framed here without a call more
-        if required == len(packet) or packet[-1] is None and packet[required] is None:
-            data = frame(code, packet if required == len(packet) else packet[:required])
-        else:
-            data = encode_packet(packet)
+        # the message path's packets have no optional fields (MSG_A, ACK_A,
+        # ACK_N), or all of them unset (MSG_N of a 1:1 message): framed here
+        # without the general encoder
+        if required != len(packet):
+            if packet[-1] is None and packet[required] is None:
+                packet = packet[:required]
+            else:
+                self._queue(encode_packet(packet))
+                return
         if not self._out:
             self.factory.outbox.mark(self)
-        self._out.append(data)
+        self._out.append(frame(code, packet))
 
     def _queue(self, data: bytes) -> None:
         if self._closing:

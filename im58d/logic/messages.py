@@ -25,6 +25,11 @@ from . import packets as P
 
 log = Logger()
 
+# Packets of the message path are made with tuple.__new__, which spares the
+# Python-level __new__ of a NamedTuple (one call per packet, four packets a
+# message); the field order is the packet's.
+_new = tuple.__new__
+
 # messages and acks that make a batch worth a commit without waiting
 FULL_BATCH = 64
 # batches handed to the store and not yet committed
@@ -184,10 +189,10 @@ class Messenger:
                 _, msg_id, ts, sender_seq, deliveries = result
                 uid = device.uid
                 if connection is not None:
-                    connection.send(P.MsgA(cmid, msg_id, sender_seq))
+                    connection.send(_new(P.MsgA, (cmid, msg_id, sender_seq)))
                 group = to if kind == KIND_GROUP else None
                 for receiver, seq in deliveries:
-                    msg_n = P.MsgN(seq, msg_id, uid, body, ts, group)
+                    msg_n = _new(P.MsgN, (seq, msg_id, uid, body, ts, group, None))
                     user = find(receiver)
                     if user is not None:
                         for target in user.devices.values():
@@ -213,9 +218,9 @@ class Messenger:
                 connection.error(result[1], result[2], cmid)
         for (device, _), (cursor, newly) in zip(acks.items(), ack_results, strict=True):
             if device.connection is not None:
-                device.connection.send(P.AckA(cursor))
+                device.connection.send(_new(P.AckA, (cursor,)))
             for sender, sender_seq in newly:
-                ack_n = P.AckN(sender_seq)
+                ack_n = _new(P.AckN, (sender_seq,))
                 user = find(sender)
                 if user is not None:
                     for target in user.devices.values():

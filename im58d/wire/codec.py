@@ -14,10 +14,12 @@ from typing import Any
 import msgpack
 
 from .packets import (
+    ACK_R,
     BIN8,
     BIN16,
     BIN32,
     BOOL,
+    MSG_R,
     ONLINE,
     SPECS,
     STR,
@@ -25,6 +27,8 @@ from .packets import (
     TYPE_OF,
     UINT,
     UINTS,
+    AckR,
+    MsgR,
     Online,
     Packet,
     UnknownPacket,
@@ -113,8 +117,49 @@ def _check(kind: str, value: Any) -> bool:
     raise AssertionError(kind)
 
 
+_new = tuple.__new__
+_unpackb = msgpack.unpackb
+# the big-endian uints of MessagePack (0xcc..0xcf) by their first byte: length
+_UINT_BYTES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+def _fast(type_: int, body: bytes) -> Any:
+    """The two packets every message brings (ACK_R, MSG_R) when they are
+    well formed, decoded with a few checks inline; None for anything else,
+    which the general path decodes (or refuses, saying why)."""
+    if type_ == ACK_R:
+        # [seq]: a fixarray of one uint
+        if len(body) == 2 and body[0] == 0x91 and body[1] < 0x80:
+            return _new(AckR, (body[1],))
+        if len(body) > 2 and body[0] == 0x91:
+            size = _UINT_BYTES.get(body[1])
+            if size is not None and len(body) == 2 + size:
+                seq = int.from_bytes(body[2:], "big")
+                if seq < UINT_LIMIT:
+                    return _new(AckR, (seq,))
+        return None
+    try:
+        fields = _unpackb(body, raw=False, strict_map_key=True)
+    except Exception:
+        return None
+    if type(fields) is not list or not 3 <= len(fields) <= 4:
+        return None
+    cmid, to, text = fields[0], fields[1], fields[2]
+    if not (type(cmid) is int and type(to) is int and 0 <= cmid < UINT_LIMIT
+            and 0 <= to < UINT_LIMIT and (type(text) is str or type(text) is bytes)):
+        return None
+    kind = fields[3] if len(fields) == 4 else None
+    if kind is not None and not (type(kind) is int and 0 <= kind < UINT_LIMIT):
+        return None
+    return _new(MsgR, (cmid, to, text, kind))
+
+
 def decode_body(type_: int, body: bytes) -> Packet | UnknownPacket:
     """The typed packet for one frame's ``type ‖ body``; raises ``MalformedFrame``."""
+    if type_ == ACK_R or type_ == MSG_R:
+        packet = _fast(type_, body)
+        if packet is not None:
+            return packet  # type: ignore[no-any-return]
     spec = SPECS.get(type_)
     if spec is None:
         return UnknownPacket(type_, body)
