@@ -260,7 +260,7 @@ class SDKTestCase(SynchronousTestCase):
 
     def cursor(self, device: Device) -> int:
         """The ack cursor of the device (by its device id) in the store."""
-        return self.count("SELECT acked FROM devices WHERE device_id = ?",
+        return self.count("SELECT acked FROM device_cursors WHERE device_id = ?",
                           device.client.state.device_id)
 
     def inbox_size(self, uid: int) -> int:

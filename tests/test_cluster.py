@@ -214,7 +214,7 @@ class Cluster(TestCase):
 
     def cursor(self, user: User) -> int:
         """The device's ack cursor in the store."""
-        row = self.db().execute("SELECT acked FROM devices WHERE uid = ? AND device_id = ?",
+        row = self.db().execute("SELECT acked FROM device_cursors WHERE uid = ? AND device_id = ?",
                                 (user.uid, user.client.state.device_id)).fetchone()
         return int(row[0])
 

@@ -108,7 +108,7 @@ class SixPacketTests(TwoUsers):
             count(self.h, "SELECT acked_seq FROM inboxes WHERE uid = ?", self.bob_uid), 1
         )
         self.assertEqual(
-            count(self.h, "SELECT acked FROM devices WHERE uid = ?", self.bob_uid), 1
+            count(self.h, "SELECT acked FROM device_cursors WHERE uid = ?", self.bob_uid), 1
         )
 
     def test_msg_a_carries_the_senders_seq(self) -> None:

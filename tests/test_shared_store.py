@@ -476,7 +476,7 @@ class CrossNodeDeliveryTests(TwoNodes):
         def acked() -> tuple[int, int]:
             """The user's cursor (the highest of its devices') and the device's."""
             head = db.execute("SELECT acked_seq FROM inboxes WHERE uid = ?", (uid,)).fetchone()
-            cursor = db.execute("SELECT acked FROM devices WHERE uid = ? AND device_id = ?",
+            cursor = db.execute("SELECT acked FROM device_cursors WHERE uid = ? AND device_id = ?",
                                 (uid, receiver.state.device_id)).fetchone()
             return int(head[0]), int(cursor[0])
 

@@ -401,8 +401,15 @@ class StoreCase(SynchronousTestCase):
 
     def deliver(self, messages: list[Any], acks: tuple[tuple[int, int, int], ...] | list[Any] = (),
                 now: int = 500, friends_only: bool = False) -> Any:
-        """Store a batch: (results, ack results), see ``deliver_txn``."""
-        return self.run_op(self.store.deliver(messages, list(acks), now, friends_only))
+        """Store a batch: (results, ack results), see ``deliver_txn``; each
+        ack ``(uid, device, seq)`` goes with the device's cursor in the
+        store, as the Messenger's copy of it would be."""
+        with_cursors = [
+            (uid, device, seq, self.db.execute(
+                "SELECT acked FROM device_cursors WHERE id = ?", (device,)).fetchone()[0])
+            for uid, device, seq in acks
+        ]
+        return self.run_op(self.store.deliver(messages, with_cursors, now, friends_only))
 
     def timeline(self, uid: int) -> list[tuple[int, int]]:
         """The user's timeline entries: (seq, msg_id)."""
@@ -554,12 +561,24 @@ class TimelineTests(StoreCase):
             self.deliver([(self.alice, self.a1, cmid, self.bob, f"m{cmid}", KIND_USER)])
         _, acks = self.deliver([], [(self.bob, self.b1, 2), (self.bob, self.b2, 1)])
         self.assertEqual([a[0] for a in acks], [2, 1])
-        cursors = dict(self.db.execute("SELECT id, acked FROM devices WHERE uid = ?",
+        cursors = dict(self.db.execute("SELECT id, acked FROM device_cursors WHERE uid = ?",
                                        (self.bob,)).fetchall())
         self.assertEqual(cursors, {self.b1: 2, self.b2: 1})
         _, acks = self.deliver([], [(self.bob, self.b1, 99), (self.bob, self.b2, 0)])
         self.assertEqual([a[0] for a in acks], [3, 1])  # the head is 3
         self.assertEqual(self.run_op(self.store.inbox_heads([self.bob])), {self.bob: (3, 3)})
+
+    def test_stale_cursor_never_moves_back(self) -> None:
+        """The cursor that comes with an ack is the Messenger's copy; a copy
+        that fell behind (another node held the device meanwhile) never
+        moves the stored cursor back."""
+        for cmid in (1, 2, 3):
+            self.deliver([(self.alice, self.a1, cmid, self.bob, f"m{cmid}", KIND_USER)])
+        self.deliver([], [(self.bob, self.b1, 3)])
+        _, acks = self.run_op(self.store.deliver([], [(self.bob, self.b1, 2, 0)], 500))
+        self.assertEqual(acks, [(2, ())])
+        self.assertEqual(self.db.execute("SELECT acked FROM device_cursors WHERE id = ?",
+                                         (self.b1,)).fetchone()[0], 3)
 
     def test_highest_cursor_drives_ack_n(self) -> None:
         """The user's acked seq is the highest cursor of their devices: the

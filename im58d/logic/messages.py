@@ -159,7 +159,7 @@ class Messenger:
         self._last_flush = seconds
         d = self.store.deliver(
             [(d.uid, d.device, cmid, to, body, kind) for d, cmid, to, body, kind in messages],
-            [(d.uid, d.device, seq) for d, seq in acks.items()],
+            [(d.uid, d.device, seq, d.cursor) for d, seq in acks.items()],
             now,
             self.friends_only,
         )
@@ -217,6 +217,8 @@ class Messenger:
             elif connection is not None:
                 connection.error(result[1], result[2], cmid)
         for (device, _), (cursor, newly) in zip(acks.items(), ack_results, strict=True):
+            if cursor > device.cursor:
+                device.cursor = cursor
             if device.connection is not None:
                 device.connection.send(_new(P.AckA, (cursor,)))
             for sender, sender_seq in newly:

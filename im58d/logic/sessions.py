@@ -88,6 +88,7 @@ class Device:
         "unacked",
         "pull_max",
         "acked_max",
+        "cursor",
         "gen",
         "resuming",
         "__weakref__",
@@ -126,8 +127,10 @@ class Device:
         # the inbox_max of the last WELCOME or RESUMED: the device pulls up
         # to it, pushes come above it
         self.pull_max = 0
-        # the highest seq the device acked (it may not be committed yet)
+        # the highest seq the device acked (it may not be committed yet), and
+        # its cursor as the store has it
         self.acked_max = 0
+        self.cursor = 0
         # how often the session moved between nodes (several nodes only)
         self.gen = 0
         # a RESUME of it is being checked: its linger waits for the answer
@@ -140,7 +143,7 @@ class Device:
             record["device"], record["device_id"], record["name"], record["client"],
             record["nonce"],
         )
-        device.acked_max = record.get("acked", 0)
+        device.acked_max = device.cursor = record.get("acked", 0)
         device.gen = record.get("gen", 0)
         return device
 
@@ -225,7 +228,7 @@ class SessionManager:
         # first, then whatever the device is told.
         device = Device(uid, session_id, key, token, state["device"], device_id, name, client)
         device.pull_max = state["inbox_max"]
-        device.acked_max = state["acked"]
+        device.acked_max = device.cursor = state["acked"]
         welcome = P.Welcome(
             uid, session_id, key, token, state["inbox_max"], self.heartbeat, self.linger,
             self.iplist_version(), state["last_cmid"], state["acked"],
@@ -308,6 +311,7 @@ class SessionManager:
         device.nonce = max(device.nonce, nonce)
         device.pull_max = state["inbox_max"]
         device.acked_max = max(device.acked_max, state["acked"])
+        device.cursor = state["acked"]
         resumed = P.Resumed(device.uid, state["inbox_max"], self.iplist_version(), state["acked"])
         live = connected()
         if live:

@@ -16,7 +16,7 @@ import sqlite_utils
 from .interfaces import DUPLICATE, KIND_GROUP, KIND_USER, REFUSED, STORED
 
 # A message to deliver: (sender, device, cmid, to, body, kind); an ack:
-# (uid, device, seq).
+# (uid, device, seq, the device's cursor as the store last said it).
 Submitted = tuple[int, int, int, int, "str | bytes", int]
 # (the device's cursor now, ((sender, sender_seq), ...) of the 1:1 messages
 # the ack made delivered)
@@ -62,16 +62,17 @@ def _lookup(
 def deliver_txn(
     db: sqlite_utils.Database,
     messages: list[Submitted],
-    acks: list[tuple[int, int, int]],
+    acks: list[tuple[int, int, int, int]],
     now: int,
     friends_only: bool = False,
 ) -> tuple[list[tuple[Any, ...]], list[AckResult]]:
     """Store a batch of messages and record a batch of acks.
 
-    The batch's de-dup keys, timeline heads, device cursors and group
-    members are each read in one statement, seqs and ids are given out here
-    (the transaction holds the write lock), and rows are written with
-    ``executemany``.
+    The batch's de-dup keys, timeline heads and group members are each read
+    in one statement, seqs and ids are given out here (the transaction holds
+    the write lock), and rows are written with ``executemany``.  A device's
+    cursor comes with its ack (the node that holds the device is the only
+    writer of it); the write never moves it back all the same.
     """
     conn = db.conn
     execute = conn.execute
@@ -123,10 +124,13 @@ def deliver_txn(
     for group in members.values():
         uids.update(group)
     uids.update(ack[0] for ack in acks)
+    # [head, highest cursor, the device that holds it]
     heads: dict[int, list[int]] = {
-        row[0]: [row[1], row[2]]
+        row[0]: [row[1], row[2], row[3]]
         for row in _lookup(
-            execute, "SELECT uid, max_seq, acked_seq FROM inboxes WHERE uid IN ({})", list(uids)
+            execute,
+            "SELECT uid, max_seq, acked_seq, acked_device FROM inboxes WHERE uid IN ({})",
+            list(uids),
         )
     }
     # an ack can only cover what was committed before this batch
@@ -216,31 +220,33 @@ def deliver_txn(
                     group_deliveries.append((uid, head[0]))
             results[i] = (STORED, msg_id, now, sender_seq, tuple(group_deliveries))
     # 4. acks: move the devices' cursors (never past the head as it was
-    # before), and with them the user's highest cursor
+    # before), and with them the user's highest cursor.  The device that
+    # holds the highest keeps its cursor in the user's row (one write per
+    # ack for a user's leading device); one that falls behind gets it back
+    # in its own row.
     ack_results: list[AckResult] = []
-    cursors: dict[int, int] = {}
-    if acks:
-        cursors = dict(_lookup(
-            execute, "SELECT id, acked FROM devices WHERE id IN ({})", [a[1] for a in acks]
-        ))
-    moved: list[tuple[int, int]] = []  # (device, cursor)
+    moved: list[tuple[int, int, int]] = []  # (cursor, device, cursor)
     spans: list[tuple[int, int, int, int]] = []  # (result index, uid, from, to)
-    for uid, device, seq in acks:
+    for uid, device, seq, cursor in acks:
         head = heads.get(uid)
-        cursor = cursors.get(device)
-        if head is None or cursor is None:
+        if head is None:
             ack_results.append((0, ()))
             continue
         upto = min(seq, ackable[uid])
         if upto <= cursor:
             ack_results.append((cursor, ()))
             continue
-        cursors[device] = upto
-        moved.append((upto, device))
-        if upto > head[1]:  # the first of the user's devices to get this far
-            spans.append((len(ack_results), uid, head[1], upto))
+        if upto >= head[1]:  # the highest cursor now: this device holds it
+            if head[2] != device:
+                if head[2]:
+                    moved.append((head[1], head[2], head[1]))
+                head[2] = device
+            if upto > head[1]:  # the first of the user's devices to get this far
+                spans.append((len(ack_results), uid, head[1], upto))
             head[1] = upto
             touched.add(uid)
+        else:
+            moved.append((upto, device, upto))
         ack_results.append((upto, ()))
     # 5. the writes
     if message_rows:
@@ -252,11 +258,11 @@ def deliver_txn(
         conn.executemany("INSERT INTO inbox (uid, seq, msg_id) VALUES (?, ?, ?)", inbox_rows)
     if touched:
         conn.executemany(
-            "UPDATE inboxes SET max_seq = ?, acked_seq = ? WHERE uid = ?",
-            [(heads[uid][0], heads[uid][1], uid) for uid in touched],
+            "UPDATE inboxes SET max_seq = ?, acked_seq = ?, acked_device = ? WHERE uid = ?",
+            [(heads[uid][0], heads[uid][1], heads[uid][2], uid) for uid in touched],
         )
     if moved:
-        conn.executemany("UPDATE devices SET acked = ? WHERE id = ?", moved)
+        conn.executemany("UPDATE devices SET acked = ? WHERE id = ? AND acked < ?", moved)
     # 6. the 1:1 messages each ack made received, for ACK_N: entries the
     # user received (a note to oneself included), not those they sent
     if spans:

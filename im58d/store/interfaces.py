@@ -160,12 +160,13 @@ class IStore(Interface):
 
     def deliver(
         messages: list[tuple[int, int, int, int, str | bytes, int]],
-        acks: list[tuple[int, int, int]],
+        acks: list[tuple[int, int, int, int]],
         now: int,
         friends_only: bool,
     ) -> Deferred[tuple[list[tuple[Any, ...]], list[Any]]]:
         """Store a batch of messages ``(sender, device, cmid, to, body,
-        kind)`` and record a batch of acks ``(uid, device, seq)``, in one
+        kind)`` and record a batch of acks ``(uid, device, seq, cursor)``
+        (``cursor``: the device's as the store last said it), in one
         transaction: see ``im58d.store.inbox.deliver_txn`` for the results."""
 
     def inbox_heads(uids: list[int]) -> Deferred[dict[int, tuple[int, int]]]:

@@ -15,11 +15,13 @@ import sqlite_utils
 
 from .accounts import bump_list, session_state_txn, user_states_txn
 
-# the columns of a session record, in the order of SessionRecord's keys
+# the columns of a session record, in the order of _KEYS, and what they are
+# read from (device_cursors: see schema 4)
 _RECORD = (
     "s.id, s.uid, s.device, d.device_id, d.name, s.client, s.key, s.token, s.nonce, "
-    "d.acked, s.online, s.last_active"
+    "c.acked, s.online, s.last_active"
 )
+_FROM = "sessions s JOIN devices d ON d.id = s.device JOIN device_cursors c ON c.id = s.device"
 _KEYS = (
     "session_id", "uid", "device", "device_id", "name", "client", "key", "token", "nonce",
     "acked", "online", "last_active",
@@ -64,7 +66,8 @@ def sign_in_txn(
     """
     execute = db.conn.execute
     row = execute(
-        "SELECT id, acked FROM devices WHERE uid = ? AND device_id = ?", (uid, device_id)
+        "SELECT id, acked FROM device_cursors WHERE uid = ? AND device_id = ?",
+        (uid, device_id),
     ).fetchone()
     if row is None:
         # a new device starts where the user's timeline was at the upgrade
@@ -118,7 +121,7 @@ def session_txn(db: sqlite_utils.Database, session_id: bytes) -> dict[str, Any] 
     client, key, token, nonce, acked, online, last_active``; None when it
     does not exist."""
     row = db.execute(
-        f"SELECT {_RECORD} FROM sessions s JOIN devices d ON d.id = s.device WHERE s.id = ?",
+        f"SELECT {_RECORD} FROM {_FROM} WHERE s.id = ?",
         (session_id,),
     ).fetchone()
     return None if row is None else _record(row)
@@ -128,8 +131,8 @@ def session_by_token_txn(db: sqlite_utils.Database, token: str) -> dict[str, Any
     """The record of the session with this bearer token, unless the account
     is disabled."""
     row = db.execute(
-        f"SELECT {_RECORD} FROM sessions s JOIN devices d ON d.id = s.device "
-        "JOIN users u ON u.id = s.uid WHERE s.token = ? AND u.disabled = 0",
+        f"SELECT {_RECORD} FROM {_FROM} JOIN users u ON u.id = s.uid "
+        "WHERE s.token = ? AND u.disabled = 0",
         (token,),
     ).fetchone()
     return None if row is None else _record(row)
@@ -151,9 +154,7 @@ def resume_txn(
     if cur.rowcount != 1:
         return None
     uid, device, acked = db.execute(
-        "SELECT s.uid, s.device, d.acked FROM sessions s JOIN devices d ON d.id = s.device "
-        "WHERE s.id = ?",
-        (session_id,),
+        f"SELECT s.uid, s.device, c.acked FROM {_FROM} WHERE s.id = ?", (session_id,)
     ).fetchone()
     state = session_state_txn(db, uid)
     state.update(acked=int(acked), last_cmid=last_cmid_txn(db, uid, device))
@@ -176,8 +177,8 @@ def online_sessions_txn(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     records = [
         _record(row)
         for row in db.execute(
-            f"SELECT {_RECORD} FROM sessions s JOIN devices d ON d.id = s.device "
-            "JOIN users u ON u.id = s.uid WHERE s.online = 1 AND u.disabled = 0"
+            f"SELECT {_RECORD} FROM {_FROM} JOIN users u ON u.id = s.uid "
+            "WHERE s.online = 1 AND u.disabled = 0"
         ).fetchall()
     ]
     states = user_states_txn(db, sorted({record["uid"] for record in records}))

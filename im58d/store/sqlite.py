@@ -506,7 +506,7 @@ class SQLiteStore:
     def deliver(
         self,
         messages: list[Submitted],
-        acks: list[tuple[int, int, int]],
+        acks: list[tuple[int, int, int, int]],
         now: int,
         friends_only: bool = False,
     ) -> Deferred[tuple[list[tuple[Any, ...]], list[AckResult]]]:

@@ -54,11 +54,21 @@ ALTER TABLE messages_v4 RENAME TO messages;
 
 -- inboxes: max_seq is the timeline's head, acked_seq the highest cursor of
 -- any of the user's devices (what "received" means for ACK_N and
--- delivered).  A device that signs in for the first time starts at
--- base_seq: the version-1 ack cursor, so that nothing is pulled twice after
--- the upgrade; 0 for users made since.
+-- delivered), and acked_device the device that holds it: that device's
+-- cursor is acked_seq, not devices.acked, so that the ack of a user's
+-- leading device (one device: every ack) writes one row, as in version 1.
+-- A device that signs in for the first time starts at base_seq: the
+-- version-1 ack cursor, so that nothing is pulled twice after the upgrade;
+-- 0 for users made since.
 ALTER TABLE inboxes ADD COLUMN base_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE inboxes ADD COLUMN acked_device INTEGER NOT NULL DEFAULT 0;
 UPDATE inboxes SET base_seq = acked_seq;
+
+-- every device's cursor, wherever it is kept
+CREATE VIEW device_cursors AS
+    SELECT d.id, d.uid, d.device_id,
+           max(d.acked, CASE WHEN h.acked_device = d.id THEN h.acked_seq ELSE 0 END) AS acked
+    FROM devices d JOIN inboxes h ON h.uid = d.uid;
 
 -- Two more lists with versions: pending friend requests and devices.
 ALTER TABLE list_versions ADD COLUMN request_list INTEGER NOT NULL DEFAULT 1;
